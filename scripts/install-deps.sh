@@ -1,0 +1,25 @@
+#!/bin/sh
+# Installs every Debian package that tm's build and tests need.
+# Usage: scripts/install-deps.sh   (as root, or with sudo available)
+set -eu
+PKGS="build-essential make pkg-config
+libcxxopts-dev libsimdjson-dev libzstd-dev zstd libxxhash-dev
+libboost-dev libboost-system-dev
+libgtest-dev googletest
+bats bats-assert bats-support
+libpcre2-dev libutf8proc-dev
+mandoc man-db python3 tmux"
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -z "$missing" ]; then
+    echo "install-deps: all packages present" >&2
+    exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $missing
