@@ -8,7 +8,7 @@ libboost-dev libboost-system-dev
 libgtest-dev googletest
 bats bats-assert bats-support
 libpcre2-dev libutf8proc-dev
-mandoc man-db python3 tmux"
+mandoc man-db python3 tmux bc"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
