@@ -52,12 +52,13 @@ CORE_OBJ := $(CORE_CPP:%.cpp=$(BUILD)/obj/%.o) $(CORE_CU:%.cu=$(BUILD)/obj/%.cu.
 LIBCORE := $(BUILD)/libtmcore.a
 
 TOOLS := $(patsubst tools/%.cpp,$(BUILD)/bin/%,$(wildcard tools/tm-*.cpp))
+BENCHES := $(patsubst tests/bench/%_bench.cpp,$(BUILD)/bench/%_bench,$(wildcard tests/bench/*_bench.cpp))
 EXAMPLES := $(patsubst examples/%.cpp,$(BUILD)/bin/example-%,$(wildcard examples/*.cpp))
 UNIT_SRC := $(wildcard tests/unit/*.cpp)
 UNIT_BIN := $(BUILD)/tests/unit-tests
 
 .PHONY: all deps test test-unit test-bats demo clean format test-gpu
-all: $(LIBCORE) $(TOOLS) $(EXAMPLES)
+all: $(LIBCORE) $(TOOLS) $(EXAMPLES) $(BENCHES)
 
 $(BUILD)/obj/%.o: %.cpp
 	@mkdir -p $(@D)
@@ -76,6 +77,10 @@ $(BUILD)/bin/%: $(BUILD)/obj/tools/%.o $(LIBCORE)
 	$(CXX) $(LDFLAGS) $< $(LIBCORE) $(LDLIBS) -o $@
 
 $(BUILD)/bin/example-%: $(BUILD)/obj/examples/%.o $(LIBCORE)
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $< $(LIBCORE) $(LDLIBS) -o $@
+
+$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(LIBCORE)
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $< $(LIBCORE) $(LDLIBS) -o $@
 

@@ -210,6 +210,11 @@ private:
 
     BpeModel bpe_;
     bool byte_level_ = false;
+    // SentencePiece-style models without a pre-tokenizer run BPE on a whole
+    // segment. When no token has "▁" after another character, no merge can
+    // cross a "x|▁" boundary, so splitting there gives the same ids and lets
+    // words be cached (decided at load time from the vocabulary).
+    bool split_at_metaspace_ = false;
     std::vector<NormStep> norm_;
     std::vector<PreStep> pre_;
     std::vector<DecStep> dec_;
@@ -392,6 +397,15 @@ void HfTokenizer::load_model(element model, const std::string& where) {
         if (it != token_to_id_.end()) opt.unk_id = it->second;
     }
     bpe_.init(opt, id_to_bytes_, merges, where);
+    if (!byte_level_) {
+        const std::string ms = "\xe2\x96\x81";
+        split_at_metaspace_ = true;
+        for (auto& t : id_to_bytes_) {
+            for (size_t f = t.find(ms, 1); f != std::string::npos && split_at_metaspace_; f = t.find(ms, f + 1))
+                if (t.compare(f - 3, 3, ms) != 0) split_at_metaspace_ = false;
+            if (!split_at_metaspace_) break;
+        }
+    }
 }
 
 void HfTokenizer::load_normalizer(element n, const std::string& where) {
@@ -671,6 +685,18 @@ void HfTokenizer::encode_segment(std::string_view seg, bool first_segment, std::
                 break;
             }
         }
+    }
+    if (pre_.empty() && split_at_metaspace_) {
+        const std::string_view ms = "\xe2\x96\x81";
+        std::string_view t(text);
+        size_t start = 0;
+        for (size_t f = t.find(ms, 1); f != std::string_view::npos; f = t.find(ms, f + 3)) {
+            if (f >= 3 && t.compare(f - 3, 3, ms) == 0) continue;  // inside a run of ▁
+            bpe_.encode_word(t.substr(start, f - start), out);
+            start = f;
+        }
+        bpe_.encode_word(t.substr(start), out);
+        return;
     }
     for (auto [b, e] : words) bpe_.encode_word(std::string_view(text.data() + b, e - b), out);
 }
