@@ -12,6 +12,7 @@ NVCC ?= /usr/local/cuda/bin/nvcc
 CUDA_HOME ?= /usr/local/cuda
 CUDA ?= $(if $(wildcard $(NVCC)),1,0)
 MODEL ?= ../shared/models/tinytech-25m
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 BUILD := build
 ifeq ($(SAN),1)
@@ -102,11 +103,11 @@ test-bats: all
 	TM_BIN=$(abspath $(BUILD)/bin) bats tests/bats
 
 test: deps
-	$(MAKE) all $(UNIT_BIN)
+	$(MAKE) -j$(JOBS) all $(UNIT_BIN)
 	$(MAKE) test-unit test-bats
 
 demo: deps
-	$(MAKE) all
+	$(MAKE) -j$(JOBS) all
 	scripts/demo.sh "$(MODEL)" "$(abspath $(BUILD))"
 
 test-gpu: all
