@@ -623,7 +623,6 @@ void HfTokenizer::encode_segment(std::string_view seg, bool first_segment, std::
                     auto gap = [&](size_t x, size_t y) {
                         if (y > x) next.emplace_back(b + x, b + y);
                     };
-                    std::vector<std::pair<size_t, size_t>> parts;  // (begin, end, is_match)
                     p.re->for_each_match(w, [&](size_t mb, size_t me) {
                         if (p.behavior == "Isolated" || p.behavior == "Removed" || p.kind == PreKind::ByteLevel) {
                             gap(last, mb);
