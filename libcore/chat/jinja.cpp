@@ -532,7 +532,6 @@ private:
             std::string kw = ep.expect_name();
             if (std::find(stops.begin(), stops.end(), kw) != stops.end()) {
                 cur_ = std::make_unique<ExprParser>(std::move(ep));
-                cur_pos_ = p.pos;
                 return kw;
             }
             if (kw == "if") out.push_back(parse_if(ep, p.pos));
@@ -615,7 +614,7 @@ private:
     std::vector<Piece> pieces_;
     size_t k_ = 0;
     std::unique_ptr<ExprParser> cur_;
-    Pos cur_pos_, last_pos_;
+    Pos last_pos_;
 };
 
 // ---- evaluation ----------------------------------------------------------

@@ -3,7 +3,7 @@
 #include <queue>
 
 #include "tm/error.hpp"
-#include "tokenizer/utf8.hpp"
+#include "base/utf8.hpp"
 
 namespace tmc {
 

@@ -17,7 +17,7 @@
 #include "tm/error.hpp"
 #include "tm/tokenizer.hpp"
 #include "tokenizer/bpe.hpp"
-#include "tokenizer/utf8.hpp"
+#include "base/utf8.hpp"
 
 namespace tmc {
 

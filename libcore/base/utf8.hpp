@@ -1,4 +1,4 @@
-// UTF-8 helpers for the tokenizer: sequence lengths, lossy repair with the
+// UTF-8 helpers (JSON writing, the tokenizer): sequence lengths, lossy repair with the
 // "maximal subpart" rule (as Rust's String::from_utf8_lossy, which Hugging
 // Face's decoders use), and code point iteration.
 #pragma once
