@@ -70,6 +70,10 @@ $(BUILD)/obj/%.cu.o: %.cu
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
+# The CPU kernels are compiled once per instruction set (picked at run time).
+$(BUILD)/obj/libcore/backend/cpu/kernels_avx512.o: CXXFLAGS += -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -Wno-psabi -Wno-maybe-uninitialized
+$(BUILD)/obj/libcore/backend/cpu/kernels_avx2.o: CXXFLAGS += -O3 -Wno-psabi
+
 $(LIBCORE): $(CORE_OBJ)
 	@mkdir -p $(@D)
 	rm -f $@ && ar rcs $@ $^

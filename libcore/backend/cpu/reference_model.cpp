@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "model/rope.hpp"
 #include "model/weight_names.hpp"
 #include "tm/error.hpp"
 
@@ -71,26 +72,7 @@ ReferenceModel::ReferenceModel(const Workspace& ws) : cfg_(ws.model()) {
         L.w2 = ws.tensor(0, wname::layer(l, wname::kW2));
         layers_.push_back(L);
     }
-    // inv_freq as transformers computes it, with linear / llama3 scaling.
-    const int d = cfg_.head_dim;
-    for (int i = 0; i < d / 2; ++i) {
-        double f = 1.0 / std::pow(cfg_.rope_theta, double(2 * i) / d);
-        if (cfg_.rope_type == "linear") {
-            f /= cfg_.rope_factor;
-        } else if (cfg_.rope_type == "llama3") {
-            const double lo_wl = cfg_.rope_original_max_position / cfg_.rope_low_freq_factor;
-            const double hi_wl = cfg_.rope_original_max_position / cfg_.rope_high_freq_factor;
-            const double wl = 2 * M_PI / f;
-            if (wl > lo_wl) {
-                f /= cfg_.rope_factor;
-            } else if (wl >= hi_wl) {
-                double smooth = (cfg_.rope_original_max_position / wl - cfg_.rope_low_freq_factor) /
-                                (cfg_.rope_high_freq_factor - cfg_.rope_low_freq_factor);
-                f = (1 - smooth) * f / cfg_.rope_factor + smooth * f;
-            }
-        }
-        inv_freq_.push_back(float(f));
-    }
+    inv_freq_ = rope_inv_freq(cfg_);
 }
 
 ReferenceModel::Cache ReferenceModel::new_cache() const {

@@ -1,0 +1,72 @@
+// The Backend interface: what the engine asks of a device. The engine
+// decides what runs (a BatchPlan); a backend runs the model's forward pass
+// over it, keeping K/V in its paged cache, and returns logits. The CPU
+// backend (backend/cpu) is the reference; the CUDA backend implements the
+// same recipe.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tm/model_config.hpp"
+
+namespace tmc {
+
+class Workspace;
+
+// One step's work: flat token rows of several sequences (cu_seqlens style).
+struct BatchPlan {
+    struct Seq {
+        int row_begin = 0;     // first row of this sequence in tokens/positions
+        int n_rows = 0;        // rows this step; positions ctx_len - n_rows .. ctx_len - 1
+        int ctx_len = 0;       // tokens with K/V in the cache after this step
+        const int* blocks = nullptr;  // block table, covering ctx_len tokens
+        int n_blocks = 0;
+    };
+    std::vector<int> tokens;
+    std::vector<int> positions;
+    std::vector<Seq> seqs;
+    std::vector<int> logit_rows;  // rows whose logits are returned, in this order
+
+    void clear() {
+        tokens.clear();
+        positions.clear();
+        seqs.clear();
+        logit_rows.clear();
+    }
+};
+
+struct BackendLimits {
+    int num_blocks = 0;        // KV cache pool, blocks of block_size tokens
+    int block_size = 64;
+    int max_batch_tokens = 0;  // rows per step
+    int max_logit_rows = 0;
+    int max_context = 0;       // longest sequence (positions)
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;
+    virtual const ModelConfig& config() const = 0;
+    // Bytes of KV cache one token takes (all layers, K and V).
+    virtual size_t kv_bytes_per_token() const = 0;
+    // Allocates the KV pool and step buffers. Called once, before forward().
+    virtual void init(const BackendLimits& limits) = 0;
+    // Runs the plan; returns logits [plan.logit_rows.size()][vocab_size],
+    // valid until the next call.
+    virtual const float* forward(const BatchPlan& plan) = 0;
+    // log p(targets[i] | row logits_index[i]) from the last forward's logits.
+    virtual void token_logprobs(const int* logit_index, const int* targets, int n, float* out) = 0;
+};
+
+struct CpuBackendOptions {
+    int threads = 0;  // 0: all cores
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);
+
+}  // namespace tmc

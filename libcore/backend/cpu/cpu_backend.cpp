@@ -1,0 +1,294 @@
+// The CPU backend: the model's forward pass over a BatchPlan, multi-threaded
+// (ThreadPool) and vectorized (kernels.inc), weights read in place from the
+// workspace's mapped files (bf16 or fp16), arithmetic and the KV cache in
+// fp32. Every op computes each row independently of the others, so results
+// do not depend on the batch.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "backend/backend.hpp"
+#include "backend/cpu/kernels.hpp"
+#include "backend/cpu/thread_pool.hpp"
+#include "model/weight_names.hpp"
+#include "model/rope.hpp"
+#include "tm/error.hpp"
+#include "tm/workspace.hpp"
+
+namespace tmc {
+
+namespace {
+
+using cpu::Kernels;
+using cpu::ThreadPool;
+
+struct Weight {
+    const uint16_t* data = nullptr;
+    int rows = 0, cols = 0;
+};
+
+class CpuBackend final : public Backend {
+public:
+    CpuBackend(const Workspace& ws, const CpuBackendOptions& opt);
+    std::string name() const override { return std::string("cpu (") + k_.isa + ", " + std::to_string(pool_.size()) + " threads)"; }
+    const ModelConfig& config() const override { return cfg_; }
+    size_t kv_bytes_per_token() const override { return size_t(cfg_.num_layers) * 2 * size_t(cfg_.kv_size()) * 4; }
+    void init(const BackendLimits& limits) override;
+    const float* forward(const BatchPlan& plan) override;
+    void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
+
+private:
+    struct Layer {
+        Weight attn_norm, wqkv, q_norm, k_norm, wo, ffn_norm, w13, w2;
+        std::vector<float> bqkv;
+    };
+
+    Weight weight(const Workspace& ws, const std::string& name, int rows, int cols);
+    void gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate);
+    template <class F>
+    void rows(int T, F&& f);  // f(row) in parallel over rows
+    void attention_layer(const BatchPlan& plan, int layer, int T);
+
+    ModelConfig cfg_;
+    const Kernels& k_;
+    ThreadPool pool_;
+    int wtype_ = cpu::kWeightBF16;
+    Weight emb_, final_norm_, output_;
+    std::vector<Layer> layers_;
+    std::vector<float> inv_freq_;
+
+    BackendLimits lim_;
+    size_t block_stride_ = 0;  // floats per block (all layers, K and V)
+    std::unique_ptr<float[]> kv_;
+    std::vector<float> rope_cos_, rope_sin_;  // [max_context][head_dim / 2]
+    std::vector<float> x_, h_, qkv_, attn_, gu_, act_, hn_, logits_;
+    std::vector<float> wbuf_, scratch_;  // per thread
+    std::vector<int> row_seq_;
+    int last_logit_rows_ = 0;
+};
+
+Weight CpuBackend::weight(const Workspace& ws, const std::string& name, int rows, int cols) {
+    WeightView v = ws.tensor(0, name);
+    const int64_t want = int64_t(rows) * cols;
+    if (v.numel() != want || (v.dtype != DType::BF16 && v.dtype != DType::F16) || v.dtype != cfg_.weight_dtype)
+        throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
+    return Weight{static_cast<const uint16_t*>(v.data), rows, cols};
+}
+
+CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
+    : cfg_(ws.model()),
+      k_(cpu::cpu_kernels()),
+      pool_(opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()))) {
+    if (ws.tp() != 1)
+        throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) +
+                    "; the CPU backend runs tp=1 workspaces (convert again without --tp)");
+    if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
+        throw Error(ws.dir() + ": the CPU backend reads bf16 or fp16 weights");
+    if (cfg_.num_heads % cfg_.num_kv_heads != 0 || cfg_.num_heads / cfg_.num_kv_heads > 64)
+        throw Error(ws.dir() + ": unsupported head grouping");
+    wtype_ = cfg_.weight_dtype == DType::BF16 ? cpu::kWeightBF16 : cpu::kWeightF16;
+    const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
+    const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
+    emb_ = weight(ws, wname::kEmbedding, V, H);
+    final_norm_ = weight(ws, wname::kFinalNorm, 1, H);
+    output_ = cfg_.tie_word_embeddings ? emb_ : weight(ws, wname::kOutput, V, H);
+    for (int l = 0; l < cfg_.num_layers; ++l) {
+        Layer L;
+        L.attn_norm = weight(ws, wname::layer(l, wname::kAttnNorm), 1, H);
+        L.wqkv = weight(ws, wname::layer(l, wname::kWqkv), qkv, H);
+        if (cfg_.attn_bias) {
+            WeightView b = ws.tensor(0, wname::layer(l, wname::kBqkv));
+            if (b.numel() != qkv) throw Error(ws.dir() + ": qkv bias of layer " + std::to_string(l) + " has the wrong size");
+            L.bqkv.resize(size_t(qkv));
+            convert_floats(b.dtype, b.data, DType::F32, L.bqkv.data(), size_t(qkv));
+        }
+        if (cfg_.qk_norm) {
+            L.q_norm = weight(ws, wname::layer(l, wname::kQNorm), 1, hd);
+            L.k_norm = weight(ws, wname::layer(l, wname::kKNorm), 1, hd);
+        }
+        L.wo = weight(ws, wname::layer(l, wname::kWo), H, cfg_.q_size());
+        L.ffn_norm = weight(ws, wname::layer(l, wname::kFfnNorm), 1, H);
+        L.w13 = weight(ws, wname::layer(l, wname::kW13), 2 * I, H);
+        L.w2 = weight(ws, wname::layer(l, wname::kW2), H, I);
+        layers_.push_back(std::move(L));
+    }
+    inv_freq_ = rope_inv_freq(cfg_);
+}
+
+void CpuBackend::init(const BackendLimits& limits) {
+    lim_ = limits;
+    const size_t kvs = size_t(cfg_.kv_size());
+    block_stride_ = size_t(cfg_.num_layers) * 2 * size_t(lim_.block_size) * kvs;
+    // Not zeroed: the OS commits pages as blocks are first written.
+    kv_.reset(new float[size_t(lim_.num_blocks) * block_stride_]);
+    const size_t half = inv_freq_.size();
+    rope_cos_.resize(size_t(lim_.max_context) * half);
+    rope_sin_.resize(size_t(lim_.max_context) * half);
+    for (int p = 0; p < lim_.max_context; ++p)
+        for (size_t i = 0; i < half; ++i) {
+            float a = float(p) * inv_freq_[i];
+            rope_cos_[size_t(p) * half + i] = std::cos(a);
+            rope_sin_[size_t(p) * half + i] = std::sin(a);
+        }
+    const size_t T = size_t(lim_.max_batch_tokens), H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size);
+    x_.resize(T * H);
+    h_.resize(T * H);
+    qkv_.resize(T * size_t(cfg_.q_size() + 2 * cfg_.kv_size()));
+    attn_.resize(T * size_t(cfg_.q_size()));
+    gu_.resize(T * 2 * I);
+    act_.resize(T * I);
+    hn_.resize(size_t(lim_.max_logit_rows) * H);
+    logits_.resize(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
+    const size_t kmax = std::max({H, I, size_t(cfg_.q_size())});
+    wbuf_.resize(size_t(pool_.size()) * 4 * kmax);
+    const size_t group = size_t(cfg_.num_heads / cfg_.num_kv_heads);
+    scratch_.resize(size_t(pool_.size()) * group * size_t(lim_.max_context));
+    row_seq_.resize(T);
+}
+
+void CpuBackend::gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate) {
+    const int N = w.rows, K = w.cols;
+    // Chunks of 16 rows, about four per thread, taken dynamically.
+    const int n_threads = pool_.size();
+    int chunk = (N + 4 * n_threads - 1) / (4 * n_threads);
+    chunk = std::max(16, (chunk + 15) / 16 * 16);
+    const int n_tasks = (N + chunk - 1) / chunk;
+    const size_t kmax = wbuf_.size() / size_t(n_threads);
+    pool_.run(n_tasks, [&](int task, int thread) {
+        const int n0 = task * chunk, n1 = std::min(N, n0 + chunk);
+        k_.gemm(wtype_, w.data, K, x, ldx, T, y, ldy, n0, n1, accumulate, wbuf_.data() + size_t(thread) * kmax);
+    });
+}
+
+template <class F>
+void CpuBackend::rows(int T, F&& f) {
+    const int per = std::max(1, (T + 4 * pool_.size() - 1) / (4 * pool_.size()));
+    const int n_tasks = (T + per - 1) / per;
+    pool_.run(n_tasks, [&](int task, int) {
+        for (int r = task * per, e = std::min(T, r + per); r < e; ++r) f(r);
+    });
+}
+
+void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
+    const int hd = cfg_.head_dim, nkv = cfg_.num_kv_heads, group = cfg_.num_heads / nkv;
+    const size_t kvs = size_t(cfg_.kv_size()), qkv_ld = size_t(cfg_.q_size()) + 2 * kvs;
+    const size_t layer_off = size_t(layer) * 2 * size_t(lim_.block_size) * kvs;
+    const size_t scratch_per = scratch_.size() / size_t(pool_.size());
+    const float scale = 1.0f / std::sqrt(float(hd));
+    pool_.run(T * nkv, [&](int task, int thread) {
+        const int r = task / nkv, kh = task % nkv;
+        const BatchPlan::Seq& s = plan.seqs[size_t(row_seq_[size_t(r)])];
+        const int pos = plan.positions[size_t(r)];
+        cpu::AttnArgs a;
+        a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
+        a.group = group;
+        a.head_dim = hd;
+        a.k_base = kv_.get() + layer_off + size_t(kh * hd);
+        a.v_base = a.k_base + size_t(lim_.block_size) * kvs;
+        a.block_stride = block_stride_;
+        a.slot_stride = kvs;
+        a.block_table = s.blocks;
+        a.block_size = lim_.block_size;
+        a.ctx_end = pos + 1;
+        a.ctx_begin = cfg_.sliding_window > 0 ? std::max(0, pos + 1 - cfg_.sliding_window) : 0;
+        a.scale = scale;
+        a.out = attn_.data() + size_t(r) * size_t(cfg_.q_size()) + size_t(kh * group * hd);
+        a.scratch = scratch_.data() + size_t(thread) * scratch_per;
+        k_.attention(a);
+    });
+}
+
+const float* CpuBackend::forward(const BatchPlan& plan) {
+    const int T = int(plan.tokens.size());
+    const int L = int(plan.logit_rows.size());
+    if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
+        throw Error("cpu backend: batch plan outside the limits it was initialized with");
+    for (size_t s = 0; s < plan.seqs.size(); ++s)
+        for (int r = 0; r < plan.seqs[s].n_rows; ++r) row_seq_[size_t(plan.seqs[s].row_begin + r)] = int(s);
+
+    const size_t H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size), hd = size_t(cfg_.head_dim);
+    const size_t nq = size_t(cfg_.num_heads), nkv = size_t(cfg_.num_kv_heads), qs = nq * hd, kvs = nkv * hd;
+    const size_t qkv_ld = qs + 2 * kvs, half = hd / 2;
+    const float eps = float(cfg_.rms_norm_eps);
+    const size_t bs = size_t(lim_.block_size);
+
+    rows(T, [&](int r) {
+        const int tok = plan.tokens[size_t(r)];
+        const uint16_t* e = emb_.data + size_t(tok) * H;
+        convert_floats(cfg_.weight_dtype, e, DType::F32, x_.data() + size_t(r) * H, H);
+    });
+    for (size_t l = 0; l < layers_.size(); ++l) {
+        const Layer& Ly = layers_[l];
+        rows(T, [&](int r) {
+            k_.rmsnorm(x_.data() + size_t(r) * H, Ly.attn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
+        });
+        gemm(Ly.wqkv, h_.data(), H, T, qkv_.data(), qkv_ld, false);
+        // Bias, q/k norm, RoPE; K and V into the paged cache.
+        const size_t layer_off = l * 2 * bs * kvs;
+        rows(T, [&](int r) {
+            float* q = qkv_.data() + size_t(r) * qkv_ld;
+            float* k = q + qs;
+            float* v = k + kvs;
+            if (!Ly.bqkv.empty())
+                for (size_t i = 0; i < qkv_ld; ++i) q[i] += Ly.bqkv[i];
+            if (cfg_.qk_norm) {
+                for (size_t hh = 0; hh < nq; ++hh) k_.rmsnorm(q + hh * hd, Ly.q_norm.data, wtype_, int(hd), eps, q + hh * hd);
+                for (size_t hh = 0; hh < nkv; ++hh) k_.rmsnorm(k + hh * hd, Ly.k_norm.data, wtype_, int(hd), eps, k + hh * hd);
+            }
+            const int pos = plan.positions[size_t(r)];
+            const float* c = rope_cos_.data() + size_t(pos) * half;
+            const float* s = rope_sin_.data() + size_t(pos) * half;
+            auto rope = [&](float* x) {
+                for (size_t i = 0; i < half; ++i) {
+                    float x0 = x[i], x1 = x[i + half];
+                    x[i] = x0 * c[i] - x1 * s[i];
+                    x[i + half] = x1 * c[i] + x0 * s[i];
+                }
+            };
+            for (size_t hh = 0; hh < nq; ++hh) rope(q + hh * hd);
+            for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd);
+            const BatchPlan::Seq& sq = plan.seqs[size_t(row_seq_[size_t(r)])];
+            float* slot = kv_.get() + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + (size_t(pos) % bs) * kvs;
+            std::memcpy(slot, k, kvs * 4);
+            std::memcpy(slot + bs * kvs, v, kvs * 4);
+        });
+        attention_layer(plan, int(l), T);
+        gemm(Ly.wo, attn_.data(), qs, T, x_.data(), H, true);
+        rows(T, [&](int r) {
+            k_.rmsnorm(x_.data() + size_t(r) * H, Ly.ffn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
+        });
+        gemm(Ly.w13, h_.data(), H, T, gu_.data(), 2 * I, false);
+        rows(T, [&](int r) {
+            const float* g = gu_.data() + size_t(r) * 2 * I;
+            k_.silu_mul(g, g + I, act_.data() + size_t(r) * I, int(I));
+        });
+        gemm(Ly.w2, act_.data(), I, T, x_.data(), H, true);
+    }
+    if (L == 0) {
+        last_logit_rows_ = 0;
+        return logits_.data();
+    }
+    rows(L, [&](int i) {
+        k_.rmsnorm(x_.data() + size_t(plan.logit_rows[size_t(i)]) * H, final_norm_.data, wtype_, int(H), eps,
+                   hn_.data() + size_t(i) * H);
+    });
+    gemm(output_, hn_.data(), H, L, logits_.data(), size_t(cfg_.vocab_size), false);
+    last_logit_rows_ = L;
+    return logits_.data();
+}
+
+void CpuBackend::token_logprobs(const int* logit_index, const int* targets, int n, float* out) {
+    const size_t V = size_t(cfg_.vocab_size);
+    rows(n, [&](int i) {
+        const float* lg = logits_.data() + size_t(logit_index[i]) * V;
+        out[i] = lg[targets[i]] - k_.logsumexp(lg, int(V));
+    });
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt) {
+    return std::make_unique<CpuBackend>(ws, opt);
+}
+
+}  // namespace tmc

@@ -1,0 +1,56 @@
+// The CPU backend's inner loops, compiled once per instruction set
+// (kernels_avx512.cpp, kernels_avx2.cpp) and picked at run time by
+// cpu_kernels(). Every function computes each output element with a fixed
+// order of operations that does not depend on how many rows are in the
+// batch, so a request gives the same bits alone or batched with others.
+//
+// This header is included by the per-ISA translation units: keep it free of
+// standard library types (inline functions compiled for AVX-512 must not
+// be shared with the rest of the program).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tmc::cpu {
+
+enum WeightType : int { kWeightBF16 = 0, kWeightF16 = 1 };
+
+struct AttnArgs {
+    const float* q;  // `group` query heads of one token, head_dim floats each
+    int group;
+    int head_dim;
+    // K and V of position j of this KV head: base + block_table[j / block_size] *
+    // block_stride + (j % block_size) * slot_stride.
+    const float* k_base;
+    const float* v_base;
+    size_t block_stride;
+    size_t slot_stride;
+    const int* block_table;
+    int block_size;
+    int ctx_begin, ctx_end;  // attends to positions [ctx_begin, ctx_end)
+    float scale;
+    float* out;      // group * head_dim floats
+    float* scratch;  // at least group * (ctx_end - ctx_begin) floats
+};
+
+struct Kernels {
+    const char* isa;
+    // Y[t, n] (+)= sum_k W[n, k] * X[t, k] for t < T, n in [n0, n1).
+    // W: 16-bit weights, row-major [N, K]. wbuf: scratch of 4 * K floats.
+    void (*gemm)(int wtype, const uint16_t* W, int K, const float* X, size_t ldx, int T, float* Y,
+                 size_t ldy, int n0, int n1, bool accumulate, float* wbuf);
+    // out = x / rms(x) * w (w: 16-bit weights; may alias x).
+    void (*rmsnorm)(const float* x, const uint16_t* w, int wtype, int n, float eps, float* out);
+    // out[i] = silu(g[i]) * u[i].
+    void (*silu_mul)(const float* g, const float* u, float* out, int n);
+    void (*attention)(const AttnArgs& a);
+    // log(sum(exp(x))).
+    float (*logsumexp)(const float* x, int n);
+};
+
+const Kernels& cpu_kernels();
+const Kernels& cpu_kernels_avx512();
+const Kernels& cpu_kernels_avx2();
+
+}  // namespace tmc::cpu
