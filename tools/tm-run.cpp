@@ -1,18 +1,29 @@
-// tm-run: local use of a model. This build offers the tokenizer and chat
-// template modes (JSON lines in, JSON lines out):
-//   tm-run --tokenizer DIR --encode       {"text": ...}      -> {"ids": [...]}
-//   tm-run --tokenizer DIR --decode       {"ids": [...]}     -> {"text": ...}
-//   tm-run --tokenizer DIR --render-chat  {"messages": [...]} -> {"text": ..., "ids": [...]}
+// tm-run: local inference.
+//   tm-run WS                      interactive chat on a terminal (multi-turn, one session)
+//   tm-run WS --jsonl [--stream]   JSON-lines generation requests in, results out (also when
+//                                  stdin is not a terminal); all requests run concurrently
+//   tm-run WS --ppl FILE           perplexity of a text file
+//   tm-run --tokenizer DIR (--encode | --decode | --render-chat)
+// WS is a workspace or a Hugging Face model directory. See tm-run(1), formats/jsonl.md.
+#include <signal.h>
 #include <simdjson.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
 #include <cxxopts.hpp>
 #include <iostream>
+#include <mutex>
 #include <optional>
 
 #include "base/json_write.hpp"
 #include "base/mapped_file.hpp"
 #include "tm/chat_template.hpp"
+#include "tm/engine.hpp"
 #include "tm/error.hpp"
+#include "tm/jsonl.hpp"
 #include "tm/tokenizer.hpp"
 #include "tool_main.hpp"
 
@@ -20,7 +31,8 @@ namespace {
 
 const char* kProg = "tm-run";
 const char* kUsage =
-    "usage: tm-run --tokenizer DIR (--encode | --decode | --render-chat) [--chat-template NAME|FILE]\n";
+    "usage: tm-run WS [--jsonl [--stream] | --ppl FILE] [options]\n"
+    "       tm-run --tokenizer DIR (--encode | --decode | --render-chat) [--chat-template NAME|FILE]\n";
 
 enum class Mode { Encode, Decode, RenderChat };
 
@@ -146,21 +158,301 @@ private:
     simdjson::dom::parser parser_;
 };
 
+// ------------------------------------------------------------------ signals
+
+std::atomic<bool> g_interrupt{false};
+
+void on_sigint(int) { g_interrupt.store(true); }
+
+void install_sigint(bool restart) {
+    struct sigaction sa {};
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = restart ? SA_RESTART : 0;
+    sigaction(SIGINT, &sa, nullptr);
+}
+
+void write_line(const std::string& s) {
+    std::fwrite(s.data(), 1, s.size(), stdout);
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+}
+
+// ------------------------------------------------------------------ --jsonl
+
+int run_jsonl(tmc::Engine& engine, const tmc::SamplingParams& defaults, bool stream) {
+    std::mutex out_mu;
+    std::condition_variable cv;
+    int in_flight = 0;
+    bool failed = false;
+    constexpr int kMaxInFlight = 4096;
+    std::string line;
+    size_t lineno = 0;
+    while (std::getline(std::cin, line)) {
+        ++lineno;
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        std::string id_json;
+        std::optional<tmc::JsonlRequest> jr;
+        try {
+            jr = tmc::parse_jsonl_request(line, engine, defaults, &id_json);
+        } catch (const tmc::Error& e) {
+            std::lock_guard<std::mutex> lk(out_mu);
+            failed = true;
+            write_line(tmc::jsonl_error(id_json, "line " + std::to_string(lineno) + ": " + e.what()));
+            continue;
+        }
+        if (id_json.empty()) id_json = std::to_string(lineno);  // answers always carry an id
+        struct State {
+            std::string id_json, text;
+            std::vector<int> ids;
+            bool want_ids;
+        };
+        auto st = std::make_shared<State>(State{id_json, {}, {}, jr->return_token_ids});
+        {
+            std::unique_lock<std::mutex> lk(out_mu);
+            cv.wait(lk, [&] { return in_flight < kMaxInFlight; });
+            ++in_flight;
+        }
+        try {
+            engine.submit(std::move(jr->request), [&, st](const tmc::Output& o) {
+                st->text += o.text;
+                if (st->want_ids) st->ids.insert(st->ids.end(), o.token_ids.begin(), o.token_ids.end());
+                std::lock_guard<std::mutex> lk(out_mu);
+                if (stream && !o.finished && (!o.text.empty() || st->want_ids))
+                    write_line(tmc::jsonl_delta(st->id_json, o.text, st->want_ids ? &o.token_ids : nullptr));
+                if (o.finished) {
+                    if (o.finish_reason == tmc::FinishReason::Error) failed = true;
+                    write_line(tmc::jsonl_response(st->id_json, st->text, st->want_ids ? &st->ids : nullptr, o));
+                    --in_flight;
+                    cv.notify_all();
+                }
+            });
+        } catch (const tmc::Error& e) {
+            std::lock_guard<std::mutex> lk(out_mu);
+            --in_flight;
+            failed = true;
+            write_line(tmc::jsonl_error(id_json, "line " + std::to_string(lineno) + ": " + e.what()));
+        }
+    }
+    std::unique_lock<std::mutex> lk(out_mu);
+    cv.wait(lk, [&] { return in_flight == 0; });
+    return failed ? 1 : 0;
+}
+
+// ------------------------------------------------------------------ --ppl
+
+// Perplexity as the reference computes it: the text's tokens in chunks of
+// chunk - 1, each chunk scored after a BOS token.
+int run_ppl(tmc::Engine& engine, const std::string& path, int chunk) {
+    std::string text = tmc::read_file(path);
+    std::vector<int> ids = engine.tokenizer().encode(text, false);
+    const int bos = engine.tokenizer().bos_id() >= 0 ? engine.tokenizer().bos_id() : engine.model().bos_token_id;
+    const int body = bos >= 0 ? chunk - 1 : chunk;
+    if (ids.size() < 2) throw tmc::Error(path + ": too little text to score");
+    if (chunk > engine.session_len()) throw tmc::Error("--ppl-chunk is longer than the context");
+    std::vector<tmc::Engine::Stream> streams;
+    size_t n_chunks = (ids.size() + size_t(body) - 1) / size_t(body);
+    double nll = 0;
+    size_t count = 0, done = 0;
+    const bool progress = isatty(2);
+    auto collect = [&](tmc::Engine::Stream& s) {
+        tmc::Output o, last;
+        while (s.next(o)) last = std::move(o);
+        if (last.finish_reason == tmc::FinishReason::Error) throw tmc::Error(last.error);
+        for (float lp : last.prompt_logprobs) nll -= double(lp);
+        count += last.prompt_logprobs.size();
+        if (progress && ++done % 8 == 0) std::fprintf(stderr, "\rtm-run: %zu/%zu chunks", done, n_chunks);
+    };
+    constexpr size_t kWindow = 64;  // chunks in flight
+    size_t next_collect = 0;
+    for (size_t c = 0; c < n_chunks; ++c) {
+        tmc::Request r;
+        if (bos >= 0) r.prompt.push_back(bos);
+        size_t b = c * size_t(body), e = std::min(ids.size(), b + size_t(body));
+        r.prompt.insert(r.prompt.end(), ids.begin() + long(b), ids.begin() + long(e));
+        if (r.prompt.size() < 2) continue;
+        r.sampling.max_tokens = 0;
+        r.sampling.prompt_logprobs = true;
+        streams.push_back(engine.generate(std::move(r)));
+        if (streams.size() - next_collect >= kWindow) collect(streams[next_collect++]);
+        if (g_interrupt) throw tmc::Interrupted();
+    }
+    while (next_collect < streams.size()) {
+        collect(streams[next_collect++]);
+        if (g_interrupt) throw tmc::Interrupted();
+    }
+    if (progress) std::fprintf(stderr, "\r\033[K");
+    write_line("{\"perplexity\": " + tmc::json_number(std::exp(nll / double(count))) +
+               ", \"tokens\": " + std::to_string(count) + ", \"chunks\": " + std::to_string(streams.size()) + "}");
+    return 0;
+}
+
+// ------------------------------------------------------------------ chat
+
+// Reads a line from the terminal; Ctrl-C discards it (returns an empty
+// optional with *interrupted set); EOF returns nullopt.
+std::optional<std::string> read_line(bool* interrupted) {
+    std::string line;
+    *interrupted = false;
+    for (;;) {
+        char c;
+        ssize_t n = ::read(0, &c, 1);
+        if (n < 0 && errno == EINTR) {
+            if (g_interrupt.exchange(false)) {
+                *interrupted = true;
+                return std::nullopt;
+            }
+            continue;
+        }
+        if (n <= 0) return line.empty() ? std::nullopt : std::optional<std::string>(line);
+        if (c == '\n') return line;
+        line += c;
+    }
+}
+
+int run_chat(tmc::Engine& engine, const tmc::SamplingParams& params, bool verbose) {
+    engine.render_chat({{"user", "x"}});  // fails early when there is no chat template
+    std::fprintf(stderr,
+                 "tm-run: %s on %s. /reset: new conversation, /system TEXT: system prompt, /exit or Ctrl-D: quit; "
+                 "Ctrl-C stops an answer.\n",
+                 engine.model().name.c_str(), engine.backend_name().c_str());
+    install_sigint(false);
+    std::vector<tmc::ChatMessage> history;
+    std::string system;
+    uint64_t session = 1;
+    for (;;) {
+        std::fputs(">>> ", stdout);
+        std::fflush(stdout);
+        bool intr = false;
+        auto line = read_line(&intr);
+        if (intr) {
+            std::fputs("\n", stdout);
+            continue;
+        }
+        if (!line) {
+            std::fputs("\n", stdout);
+            return 0;
+        }
+        std::string in = *line;
+        while (!in.empty() && (in.back() == '\r' || in.back() == ' ')) in.pop_back();
+        if (in.empty()) continue;
+        if (in == "/exit" || in == "/quit") return 0;
+        if (in == "/reset" || in.rfind("/system", 0) == 0) {
+            if (in != "/reset") {
+                if (in.size() > 7 && in[7] != ' ') {
+                    std::fprintf(stderr, "unknown command %s\n", in.c_str());
+                    continue;
+                }
+                system = in.size() > 8 ? in.substr(8) : "";
+            }
+            engine.end_session(session++);
+            history.clear();
+            std::fputs(in == "/reset" ? "(new conversation)\n" : "(system prompt set; new conversation)\n", stdout);
+            continue;
+        }
+        if (in[0] == '/' && in.rfind("//", 0) != 0) {
+            std::fprintf(stderr, "commands: /reset, /system TEXT, /exit (start a line with // to send a slash)\n");
+            continue;
+        }
+        if (in.rfind("//", 0) == 0) in.erase(0, 1);
+        history.push_back({"user", in});
+        std::vector<tmc::ChatMessage> msgs;
+        if (!system.empty()) msgs.push_back({"system", system});
+        msgs.insert(msgs.end(), history.begin(), history.end());
+        tmc::Request req;
+        try {
+            req.prompt = engine.encode_chat(msgs);
+        } catch (const tmc::Error& e) {
+            std::fprintf(stderr, "tm-run: error: %s\n", e.what());
+            history.pop_back();
+            continue;
+        }
+        req.sampling = params;
+        req.session_id = session;
+        auto t0 = std::chrono::steady_clock::now();
+        auto stream = engine.generate(std::move(req));
+        std::string answer;
+        tmc::Output o, last;
+        g_interrupt = false;
+        bool cancelled = false;
+        for (;;) {
+            auto r = stream.next_for(o, std::chrono::milliseconds(20));
+            if (!r) {
+                if (g_interrupt.exchange(false) && !cancelled) {
+                    engine.cancel(stream.id());
+                    cancelled = true;
+                }
+                continue;
+            }
+            if (!*r) break;
+            std::fwrite(o.text.data(), 1, o.text.size(), stdout);
+            std::fflush(stdout);
+            answer += o.text;
+            if (o.finished) {
+                last = o;
+                break;
+            }
+        }
+        std::fputs("\n", stdout);
+        double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (last.finish_reason == tmc::FinishReason::Error) {
+            std::fprintf(stderr, "tm-run: error: %s\n", last.error.c_str());
+            history.pop_back();
+            continue;
+        }
+        if (last.finish_reason == tmc::FinishReason::Cancelled) std::fputs("(stopped)\n", stdout);
+        if (last.finish_reason == tmc::FinishReason::Length &&
+            last.usage.prompt_tokens + last.usage.completion_tokens >= engine.session_len())
+            std::fputs("(the conversation has reached the context length; /reset to start over)\n", stdout);
+        if (verbose)
+            std::fprintf(stderr, "[prompt %d tokens, %d cached, %d prefilled; %d tokens generated in %.2f s]\n",
+                         last.usage.prompt_tokens, last.usage.cached_tokens,
+                         last.usage.prompt_tokens - last.usage.cached_tokens, last.usage.completion_tokens, secs);
+        history.push_back({"assistant", answer});
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-    cxxopts::Options options(kProg, "Run a model locally; tokenizer and chat template modes.");
-    options.custom_help("--tokenizer DIR (--encode | --decode | --render-chat) [options]");
+    cxxopts::Options options(kProg, "Run a model locally: chat, JSON-lines batch, perplexity.");
+    options.custom_help("WS [--jsonl [--stream] | --ppl FILE] [options]");
+    options.positional_help("");
     options.add_options()
-        ("tokenizer", "tokenizer directory, model directory or workspace", cxxopts::value<std::string>())
+        ("ws", "workspace or Hugging Face model directory", cxxopts::value<std::string>())
+        ("jsonl", "JSON-lines requests on stdin, results on stdout (default when stdin is not a terminal)")
+        ("stream", "--jsonl: also write delta lines as tokens arrive")
+        ("ppl", "perplexity of a text file", cxxopts::value<std::string>())
+        ("ppl-chunk", "--ppl: tokens per chunk, BOS included", cxxopts::value<int>()->default_value("512"))
+        ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
+        ("threads", "CPU threads (default: all cores)", cxxopts::value<int>()->default_value("0"))
+        ("session-len", "longest sequence in tokens (default: config.ini / the model's)", cxxopts::value<int>()->default_value("0"))
+        ("cache-tokens", "KV cache size in tokens", cxxopts::value<int64_t>()->default_value("0"))
+        ("cache-mib", "KV cache size in MiB (default: 1024)", cxxopts::value<int64_t>()->default_value("0"))
+        ("max-batch-tokens", "tokens per step, decode and prefill chunks together (default 512)", cxxopts::value<int>()->default_value("0"))
+        ("max-batch-size", "sequences per step (default 256)", cxxopts::value<int>()->default_value("0"))
+        ("chat-template", "built-in template name (llama2, llama3, chatml, internlm2, vicuna) or a template file",
+         cxxopts::value<std::string>())
+        ("max-tokens", "default max_tokens", cxxopts::value<int>()->default_value("512"))
+        ("temperature", "default temperature (0: greedy)", cxxopts::value<float>()->default_value("1"))
+        ("top-p", "default top_p", cxxopts::value<float>()->default_value("1"))
+        ("top-k", "default top_k (0: off)", cxxopts::value<int>()->default_value("0"))
+        ("min-p", "default min_p", cxxopts::value<float>()->default_value("0"))
+        ("repetition-penalty", "default repetition_penalty", cxxopts::value<float>()->default_value("1"))
+        ("presence-penalty", "default presence_penalty", cxxopts::value<float>()->default_value("0"))
+        ("frequency-penalty", "default frequency_penalty", cxxopts::value<float>()->default_value("0"))
+        ("seed", "default seed", cxxopts::value<uint64_t>())
+        ("ignore-eos", "default ignore_eos")
+        ("v,verbose", "notices on stderr (backend, cache; per-turn token counts in chat)")
+        ("tokenizer", "tokenizer modes: tokenizer directory, model directory or workspace", cxxopts::value<std::string>())
         ("encode", "JSON lines {\"text\"} -> {\"ids\"}")
         ("decode", "JSON lines {\"ids\"} -> {\"text\"}")
         ("render-chat", "JSON lines {\"messages\"} -> {\"text\", \"ids\"}")
-        ("chat-template", "built-in template name (llama2, llama3, chatml, internlm2, vicuna) or a template file",
-         cxxopts::value<std::string>())
         ("skip-special-tokens", "--decode: leave special tokens out of the text")
         ("h,help", "show this help");
+    options.parse_positional({"ws"});
     cxxopts::ParseResult args;
+    int token_modes = 0;
     try {
         args = options.parse(argc, argv);
         if (args.count("help")) {
@@ -168,42 +460,88 @@ int main(int argc, char** argv) {
             return 0;
         }
         if (!args.unmatched().empty()) throw tmc::tool::UsageError("unexpected argument " + args.unmatched()[0]);
-        int modes = int(args.count("encode") + args.count("decode") + args.count("render-chat"));
-        if (modes != 1) throw tmc::tool::UsageError("choose one of --encode, --decode, --render-chat");
-        if (!args.count("tokenizer")) throw tmc::tool::UsageError("missing --tokenizer DIR");
+        token_modes = int(args.count("encode") + args.count("decode") + args.count("render-chat"));
+        if (token_modes > 1) throw tmc::tool::UsageError("choose one of --encode, --decode, --render-chat");
+        if (token_modes && !args.count("tokenizer")) throw tmc::tool::UsageError("missing --tokenizer DIR");
+        if (args.count("tokenizer") && !token_modes)
+            throw tmc::tool::UsageError("--tokenizer goes with --encode, --decode or --render-chat");
+        if (!token_modes && !args.count("ws")) throw tmc::tool::UsageError("missing the workspace (WS)");
+        if (args.count("jsonl") && args.count("ppl")) throw tmc::tool::UsageError("--jsonl and --ppl do not go together");
+        if (args.count("stream") && args.count("ppl")) throw tmc::tool::UsageError("--stream goes with --jsonl");
+        if (args["max-tokens"].as<int>() < 1) throw tmc::tool::UsageError("--max-tokens must be a positive integer");
+        if (args["ppl-chunk"].as<int>() < 2) throw tmc::tool::UsageError("--ppl-chunk must be at least 2");
+        for (const char* k : {"threads", "session-len", "max-batch-tokens", "max-batch-size", "top-k"})
+            if (args[k].as<int>() < 0) throw tmc::tool::UsageError(std::string("--") + k + " must not be negative");
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s: error: %s\n%s", kProg, e.what(), kUsage);
         return 2;
     }
     try {
-        Mode mode = args.count("encode") ? Mode::Encode : args.count("decode") ? Mode::Decode : Mode::RenderChat;
-        auto tok = tmc::Tokenizer::load(args["tokenizer"].as<std::string>());
-        std::optional<tmc::ChatTemplate> tpl;
-        if (mode == Mode::RenderChat) {
-            if (args.count("chat-template")) {
-                std::string name = args["chat-template"].as<std::string>();
-                tpl = tmc::path_exists(name) ? tmc::ChatTemplate(tmc::read_file(name)) : tmc::ChatTemplate::builtin(name);
-            } else if (!tok->chat_template().empty()) {
-                tpl = tmc::ChatTemplate(tok->chat_template());
-            } else {
-                throw tmc::Error("the tokenizer has no chat_template; pass --chat-template NAME (" +
-                                 std::string("llama2, llama3, chatml, internlm2, vicuna)"));
+        if (token_modes) {
+            Mode mode = args.count("encode") ? Mode::Encode : args.count("decode") ? Mode::Decode : Mode::RenderChat;
+            auto tok = tmc::Tokenizer::load(args["tokenizer"].as<std::string>());
+            std::optional<tmc::ChatTemplate> tpl;
+            if (mode == Mode::RenderChat) {
+                if (args.count("chat-template")) {
+                    std::string name = args["chat-template"].as<std::string>();
+                    tpl = tmc::path_exists(name) ? tmc::ChatTemplate(tmc::read_file(name)) : tmc::ChatTemplate::builtin(name);
+                } else if (!tok->chat_template().empty()) {
+                    tpl = tmc::ChatTemplate(tok->chat_template());
+                } else {
+                    throw tmc::Error("the tokenizer has no chat_template; pass --chat-template NAME (" +
+                                     std::string("llama2, llama3, chatml, internlm2, vicuna)"));
+                }
             }
+            Runner runner(mode, *tok, std::move(tpl), args.count("skip-special-tokens") > 0);
+            std::ios::sync_with_stdio(false);
+            std::string line;
+            size_t lineno = 0;
+            bool failed = false;
+            while (std::getline(std::cin, line)) {
+                ++lineno;
+                if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+                write_line(runner.handle(line, lineno, &failed));
+            }
+            return failed ? 1 : 0;
         }
-        Runner runner(mode, *tok, std::move(tpl), args.count("skip-special-tokens") > 0);
-        std::ios::sync_with_stdio(false);
-        std::string line;
-        size_t lineno = 0;
-        bool failed = false;
-        while (std::getline(std::cin, line)) {
-            ++lineno;
-            if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-            std::string out = runner.handle(line, lineno, &failed);
-            std::fwrite(out.data(), 1, out.size(), stdout);
-            std::fputc('\n', stdout);
-            std::fflush(stdout);
+
+        tmc::EngineOptions eo;
+        eo.device = args["device"].as<std::string>();
+        eo.threads = args["threads"].as<int>();
+        eo.session_len = args["session-len"].as<int>();
+        eo.cache_tokens = args["cache-tokens"].as<int64_t>();
+        eo.cache_bytes = args["cache-mib"].as<int64_t>() * (int64_t(1) << 20);
+        eo.max_batch_tokens = args["max-batch-tokens"].as<int>();
+        eo.max_batch_size = args["max-batch-size"].as<int>();
+        if (args.count("chat-template")) eo.chat_template = args["chat-template"].as<std::string>();
+        const bool verbose = args.count("verbose") > 0;
+        if (verbose) eo.log = [](const std::string& m) { std::fprintf(stderr, "tm-run: %s\n", m.c_str()); };
+        tmc::SamplingParams sp;
+        sp.max_tokens = args["max-tokens"].as<int>();
+        sp.temperature = args["temperature"].as<float>();
+        sp.top_p = args["top-p"].as<float>();
+        sp.top_k = args["top-k"].as<int>();
+        sp.min_p = args["min-p"].as<float>();
+        sp.repetition_penalty = args["repetition-penalty"].as<float>();
+        sp.presence_penalty = args["presence-penalty"].as<float>();
+        sp.frequency_penalty = args["frequency-penalty"].as<float>();
+        if (args.count("seed")) sp.seed = args["seed"].as<uint64_t>();
+        sp.ignore_eos = args.count("ignore-eos") > 0;
+        if (!std::isfinite(sp.temperature) || sp.temperature < 0 || !(sp.top_p > 0 && sp.top_p <= 1) ||
+            !(sp.min_p >= 0 && sp.min_p <= 1) || !(sp.repetition_penalty > 0)) {
+            std::fprintf(stderr, "%s: error: sampling options out of range (see --help)\n%s", kProg, kUsage);
+            return 2;
         }
-        return failed ? 1 : 0;
+        auto engine = tmc::Engine::open(args["ws"].as<std::string>(), eo);
+        if (args.count("ppl")) {
+            install_sigint(true);
+            return run_ppl(*engine, args["ppl"].as<std::string>(), args["ppl-chunk"].as<int>());
+        }
+        if (args.count("jsonl") || !isatty(0)) return run_jsonl(*engine, sp, args.count("stream") > 0);
+        return run_chat(*engine, sp, verbose);
+    } catch (const tmc::Interrupted&) {
+        std::fprintf(stderr, "\n%s: interrupted\n", kProg);
+        return 130;
     } catch (const std::exception& e) {
         return tmc::tool::fail(kProg, e.what());
     }

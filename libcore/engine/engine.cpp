@@ -1,0 +1,829 @@
+// The engine loop: one thread owns every sequence, block and session. Each
+// step it drains the inbox (submit, cancel, end session), plans a batch
+// (decode tokens of running sequences first, then prompt chunks under the
+// token budget: dynamic split-fuse), runs the backend, samples, checks stop
+// conditions and emits outputs.
+#include "tm/engine.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <list>
+#include <random>
+#include <thread>
+#include <unordered_map>
+
+#include "backend/backend.hpp"
+#include "base/mapped_file.hpp"
+#include "engine/block_manager.hpp"
+#include "engine/sampler.hpp"
+#include "tm/device.hpp"
+#include "tm/error.hpp"
+#include "tm/workspace.hpp"
+
+namespace tmc {
+
+const char* finish_reason_name(FinishReason r) {
+    switch (r) {
+        case FinishReason::Stop: return "stop";
+        case FinishReason::Length: return "length";
+        case FinishReason::Cancelled: return "cancelled";
+        case FinishReason::Error: return "error";
+        case FinishReason::None: break;
+    }
+    return "";
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Seq {
+    std::vector<int> tokens;
+    int computed = 0;  // tokens whose K/V are in the cache
+    std::vector<int> blocks;
+};
+
+struct Session;
+
+struct Req {
+    uint64_t id = 0;
+    Request req;
+    Engine::Callback cb;
+    Seq seq;
+    Session* session = nullptr;
+    bool prepared = false;
+    int prompt_len = 0;
+    int cached = 0;
+    Rng rng;
+    std::unique_ptr<StreamDecoder> dec;
+    std::string held;             // decoded text not yet emitted (may start a stop string)
+    std::vector<int> new_ids;     // since the last output
+    std::string new_text;
+    std::vector<float> prompt_lp;
+    Clock::time_point t_submit, t_first;
+    bool got_first = false;
+    int out_count() const { return int(seq.tokens.size()) - prompt_len; }
+};
+
+struct Session {
+    uint64_t id = 0;
+    Seq seq;
+    uint64_t last_used = 0;
+    Req* busy = nullptr;
+    bool ending = false;
+};
+
+struct Command {
+    enum Kind { Submit, Cancel, EndSession, Stop } kind;
+    std::unique_ptr<Req> req;
+    uint64_t id = 0;
+};
+
+}  // namespace
+
+struct Engine::Impl {
+    // Set once at open.
+    std::unique_ptr<Workspace> ws;
+    std::unique_ptr<Tokenizer> tok;
+    std::optional<ChatTemplate> tpl;
+    std::unique_ptr<Backend> backend;
+    ModelConfig cfg;
+    int max_ctx = 0;
+    int max_batch_tokens = 512;
+    int max_batch_size = 256;
+    std::vector<int> eos_ids;
+
+    // Inbox, shared with callers.
+    mutable std::mutex mu;
+    std::condition_variable cv, idle_cv;
+    std::vector<Command> inbox;
+    std::atomic<uint64_t> next_id{1};
+    EngineStats snapshot;
+    std::unordered_map<uint64_t, std::vector<int>> session_tokens_snapshot;
+    bool busy = false;
+
+    // Engine thread state.
+    std::unique_ptr<BlockManager> bm;
+    std::unique_ptr<Sampler> sampler;
+    std::list<std::unique_ptr<Req>> waiting;
+    std::vector<std::unique_ptr<Req>> running;  // oldest first
+    std::unordered_map<uint64_t, Session> sessions;
+    uint64_t tick = 0;
+    EngineStats st;
+    BatchPlan plan;
+    struct Slot {
+        Req* r;
+        int rows;
+        int logit_begin;   // index of the first logit row of this sequence
+        int n_logits;
+        bool sample;
+    };
+    std::vector<Slot> slots;
+    std::vector<int> lp_index, lp_target;
+    std::vector<float> lp_out;
+    std::vector<float> logit_copy;
+    std::thread thread;
+
+    void loop();
+    bool drain();
+    void prepare(Req& r);
+    void schedule();
+    void step();
+    void finish(Req* r, FinishReason why, const std::string& error = {});
+    void emit(Req& r, bool final, FinishReason why, const std::string& error);
+    void preempt(std::unique_ptr<Req> r);
+    bool evict_one_session();
+    void release_session(Session& s);
+    void on_token(Req& r, int token);
+    void publish();
+};
+
+// ------------------------------------------------------------------ open
+
+namespace {
+
+bool is_workspace(const std::string& path) { return path_exists(path + "/manifest.json"); }
+
+// A scratch directory removed when the engine has mapped what it needs.
+struct TempDir {
+    std::string path;
+    TempDir() {
+        std::string tmpl = (std::filesystem::temp_directory_path() / "tm-hf-XXXXXX").string();
+        if (!mkdtemp(tmpl.data())) throw Error("cannot create a temporary directory for the conversion");
+        path = tmpl;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOptions& opt) {
+    auto im = std::make_unique<Impl>();
+    std::optional<TempDir> tmp;
+    std::string ws_dir = path;
+    if (!is_workspace(path)) {
+        if (!path_exists(path + "/config.json"))
+            throw Error(path + ": neither a workspace (no manifest.json) nor a Hugging Face model (no config.json)");
+        // A Hugging Face directory: convert it first (files are unlinked once
+        // mapped; the mappings stay valid).
+        tmp.emplace();
+        ws_dir = tmp->path + "/ws";
+        ConvertOptions co;
+        convert_hf_model(path, ws_dir, co);
+    }
+    im->ws = std::make_unique<Workspace>(ws_dir);
+    im->cfg = im->ws->model();
+    im->tok = Tokenizer::load(im->ws->tokenizer_dir());
+    if (!opt.chat_template.empty()) {
+        auto names = ChatTemplate::builtin_names();
+        if (std::find(names.begin(), names.end(), opt.chat_template) != names.end() || opt.chat_template == "qwen" ||
+            opt.chat_template == "smollm")
+            im->tpl = ChatTemplate::builtin(opt.chat_template);
+        else if (path_exists(opt.chat_template))
+            im->tpl = ChatTemplate(read_file(opt.chat_template));
+        else
+            throw Error("--chat-template " + opt.chat_template + ": neither a built-in template nor a file");
+    } else if (!im->tok->chat_template().empty()) {
+        im->tpl = ChatTemplate(im->tok->chat_template());
+    }
+
+    std::string device = opt.device.empty() ? "auto" : opt.device;
+    if (device != "auto" && device != "cpu" && device != "cuda")
+        throw Error("unknown device \"" + device + "\" (cpu, cuda or auto)");
+    if (device == "cuda") throw Error("this build has no CUDA backend yet; use --device cpu");
+    if (device == "auto" && cuda_device_count() > 0 && opt.log)
+        opt.log("a GPU is present but this build runs the CPU backend");
+    CpuBackendOptions co;
+    co.threads = opt.threads;
+    im->backend = make_cpu_backend(*im->ws, co);
+
+    const EngineConfig& ec = im->ws->engine();
+    int session_len = opt.session_len > 0 ? opt.session_len : ec.session_len > 0 ? ec.session_len
+                                                                                 : im->cfg.max_position_embeddings;
+    if (session_len <= 1) throw Error("session length must be at least 2 tokens");
+    const int block_size = opt.block_size > 0 ? opt.block_size : ec.cache_block_seq_len;
+    if (block_size <= 0 || block_size > 4096) throw Error("block size must be in 1..4096");
+    const size_t per_token = im->backend->kv_bytes_per_token();
+    int64_t tokens = opt.cache_tokens;
+    if (tokens <= 0) {
+        int64_t bytes = opt.cache_bytes > 0 ? opt.cache_bytes : (int64_t(1) << 30);
+        tokens = bytes / int64_t(per_token);
+        if (opt.cache_bytes <= 0) tokens = std::max<int64_t>(tokens, session_len);  // the default fits one full sequence
+    }
+    int num_blocks = int(std::min<int64_t>(tokens / block_size, 1 << 30));
+    if (num_blocks < 1) throw Error("KV cache too small: " + std::to_string(tokens) + " tokens is less than one block of " +
+                                    std::to_string(block_size));
+    im->max_ctx = int(std::min<int64_t>(session_len, int64_t(num_blocks) * block_size));
+    im->max_batch_tokens = opt.max_batch_tokens > 0 ? opt.max_batch_tokens : 512;
+    im->max_batch_size = opt.max_batch_size > 0 ? opt.max_batch_size : 256;
+    im->max_batch_size = std::min(im->max_batch_size, im->max_batch_tokens);
+    BackendLimits lim;
+    lim.num_blocks = num_blocks;
+    lim.block_size = block_size;
+    lim.max_batch_tokens = im->max_batch_tokens;
+    lim.max_logit_rows = im->max_batch_tokens;
+    lim.max_context = im->max_ctx;
+    im->backend->init(lim);
+    im->bm = std::make_unique<BlockManager>(num_blocks, block_size);
+    im->sampler = std::make_unique<Sampler>(im->cfg.vocab_size);
+    im->eos_ids = im->cfg.eos_token_ids;
+    if (im->tok->eos_id() >= 0 && std::find(im->eos_ids.begin(), im->eos_ids.end(), im->tok->eos_id()) == im->eos_ids.end())
+        im->eos_ids.push_back(im->tok->eos_id());
+    im->st.blocks_total = num_blocks;
+    im->st.blocks_free = num_blocks;
+    im->st.block_size = block_size;
+    im->snapshot = im->st;
+    if (opt.log)
+        opt.log("backend " + im->backend->name() + "; KV cache " + std::to_string(int64_t(num_blocks) * block_size) +
+                " tokens (" + std::to_string(num_blocks) + " blocks of " + std::to_string(block_size) +
+                "); context " + std::to_string(im->max_ctx));
+    Impl* raw = im.get();
+    im->thread = std::thread([raw] { raw->loop(); });
+    return std::unique_ptr<Engine>(new Engine(std::move(im)));
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Engine::~Engine() {
+    {
+        std::lock_guard<std::mutex> lk(impl_->mu);
+        impl_->inbox.push_back(Command{Command::Stop, nullptr, 0});
+    }
+    impl_->cv.notify_all();
+    impl_->thread.join();
+}
+
+const Tokenizer& Engine::tokenizer() const { return *impl_->tok; }
+const ModelConfig& Engine::model() const { return impl_->cfg; }
+std::string Engine::backend_name() const { return impl_->backend->name(); }
+int Engine::session_len() const { return impl_->max_ctx; }
+
+std::string Engine::render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
+    if (!impl_->tpl) throw Error("the model has no chat template; choose one (--chat-template)");
+    ChatRenderOptions o;
+    o.add_generation_prompt = add_generation_prompt;
+    o.bos_token = impl_->tok->bos_token();
+    o.eos_token = impl_->tok->eos_token();
+    return impl_->tpl->render(messages, o);
+}
+
+std::string Engine::render_chat_json(const std::string& messages_json, bool add_generation_prompt) const {
+    if (!impl_->tpl) throw Error("the model has no chat template; choose one (--chat-template)");
+    ChatRenderOptions o;
+    o.add_generation_prompt = add_generation_prompt;
+    o.bos_token = impl_->tok->bos_token();
+    o.eos_token = impl_->tok->eos_token();
+    return impl_->tpl->render_json(messages_json, o);
+}
+
+std::vector<int> Engine::encode_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
+    // The template writes BOS itself where the model wants it.
+    return impl_->tok->encode(render_chat(messages, add_generation_prompt), false);
+}
+
+// ------------------------------------------------------------------ requests
+
+namespace {
+
+void validate(const Request& r, const ModelConfig& cfg) {
+    const SamplingParams& p = r.sampling;
+    if (r.prompt.empty() && !(r.session_id && r.append)) throw Error("the prompt is empty");
+    for (int t : r.prompt)
+        if (t < 0 || t >= cfg.vocab_size)
+            throw Error("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
+                        std::to_string(cfg.vocab_size - 1) + ")");
+    auto finite = [](float x) { return std::isfinite(x); };
+    if (p.max_tokens < 0) throw Error("max_tokens must be at least 0");
+    if (!finite(p.temperature) || p.temperature < 0) throw Error("temperature must be at least 0");
+    if (!finite(p.top_p) || p.top_p <= 0 || p.top_p > 1) throw Error("top_p must be in (0, 1]");
+    if (p.top_k < 0) throw Error("top_k must be at least 0");
+    if (!finite(p.min_p) || p.min_p < 0 || p.min_p > 1) throw Error("min_p must be in [0, 1]");
+    if (!finite(p.repetition_penalty) || p.repetition_penalty <= 0) throw Error("repetition_penalty must be positive");
+    if (!finite(p.presence_penalty) || p.presence_penalty < -2 || p.presence_penalty > 2)
+        throw Error("presence_penalty must be in [-2, 2]");
+    if (!finite(p.frequency_penalty) || p.frequency_penalty < -2 || p.frequency_penalty > 2)
+        throw Error("frequency_penalty must be in [-2, 2]");
+    for (int t : p.stop_token_ids)
+        if (t < 0 || t >= cfg.vocab_size) throw Error("stop token id " + std::to_string(t) + " is outside the vocabulary");
+    for (auto& s : p.stop)
+        if (s.empty()) throw Error("stop strings must not be empty");
+}
+
+}  // namespace
+
+uint64_t Engine::submit(Request req, Callback cb) {
+    validate(req, impl_->cfg);
+    auto r = std::make_unique<Req>();
+    r->id = impl_->next_id++;
+    r->req = std::move(req);
+    r->cb = std::move(cb);
+    r->rng = Rng(r->req.sampling.seed ? *r->req.sampling.seed : std::random_device{}() * 0x100000001ull ^ r->id);
+    r->dec = std::make_unique<StreamDecoder>(*impl_->tok, r->req.sampling.skip_special_tokens);
+    r->t_submit = Clock::now();
+    const uint64_t id = r->id;
+    {
+        std::lock_guard<std::mutex> lk(impl_->mu);
+        impl_->inbox.push_back(Command{Command::Submit, std::move(r), 0});
+        impl_->busy = true;
+    }
+    impl_->cv.notify_all();
+    return id;
+}
+
+Engine::Stream Engine::generate(Request req) {
+    Stream s;
+    s.q_ = std::make_shared<Stream::Queue>();
+    auto q = s.q_;
+    s.id_ = submit(std::move(req), [q](const Output& o) {
+        {
+            std::lock_guard<std::mutex> lk(q->mu);
+            q->items.push_back(o);
+        }
+        q->cv.notify_all();
+    });
+    return s;
+}
+
+std::optional<bool> Engine::Stream::next_for(Output& out, std::chrono::milliseconds timeout) {
+    if (done_ || !q_) return false;
+    std::unique_lock<std::mutex> lk(q_->mu);
+    if (!q_->cv.wait_for(lk, timeout, [&] { return !q_->items.empty(); })) return std::nullopt;
+    out = std::move(q_->items.front());
+    q_->items.pop_front();
+    if (out.finished) done_ = true;
+    return true;
+}
+
+bool Engine::Stream::next(Output& out) {
+    for (;;) {
+        auto r = next_for(out, std::chrono::hours(1));
+        if (r) return *r;
+    }
+}
+
+void Engine::cancel(uint64_t request_id) {
+    {
+        std::lock_guard<std::mutex> lk(impl_->mu);
+        impl_->inbox.push_back(Command{Command::Cancel, nullptr, request_id});
+    }
+    impl_->cv.notify_all();
+}
+
+void Engine::end_session(uint64_t session_id) {
+    {
+        std::lock_guard<std::mutex> lk(impl_->mu);
+        impl_->inbox.push_back(Command{Command::EndSession, nullptr, session_id});
+        impl_->busy = true;
+    }
+    impl_->cv.notify_all();
+}
+
+std::vector<int> Engine::session_tokens(uint64_t session_id) const {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    auto it = impl_->session_tokens_snapshot.find(session_id);
+    return it == impl_->session_tokens_snapshot.end() ? std::vector<int>{} : it->second;
+}
+
+EngineStats Engine::stats() const {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    return impl_->snapshot;
+}
+
+void Engine::wait_idle() {
+    std::unique_lock<std::mutex> lk(impl_->mu);
+    impl_->idle_cv.wait(lk, [&] { return !impl_->busy; });
+}
+
+// ------------------------------------------------------------------ engine thread
+
+void Engine::Impl::publish() {
+    st.blocks_free = bm->num_free();
+    st.running = int(running.size());
+    st.waiting = int(waiting.size());
+    st.sessions = int(sessions.size());
+    std::lock_guard<std::mutex> lk(mu);
+    snapshot = st;
+    if (inbox.empty() && running.empty() && waiting.empty() && busy) {
+        busy = false;
+        idle_cv.notify_all();
+    }
+}
+
+// Takes the inbox; false when the engine is stopping.
+bool Engine::Impl::drain() {
+    std::vector<Command> cmds;
+    {
+        std::unique_lock<std::mutex> lk(mu);
+        if (inbox.empty() && running.empty() && waiting.empty())
+            cv.wait(lk, [&] { return !inbox.empty(); });
+        cmds.swap(inbox);
+    }
+    bool stop = false;
+    for (auto& c : cmds) {
+        switch (c.kind) {
+            case Command::Submit: waiting.push_back(std::move(c.req)); break;
+            case Command::Cancel: {
+                Req* r = nullptr;
+                for (auto& w : waiting)
+                    if (w->id == c.id) r = w.get();
+                for (auto& w : running)
+                    if (w->id == c.id) r = w.get();
+                if (r) finish(r, FinishReason::Cancelled);
+                break;
+            }
+            case Command::EndSession: {
+                auto it = sessions.find(c.id);
+                if (it == sessions.end()) break;
+                if (it->second.busy) {
+                    it->second.ending = true;
+                } else {
+                    bm->release_all(it->second.seq.blocks);
+                    sessions.erase(it);
+                    std::lock_guard<std::mutex> lk(mu);
+                    session_tokens_snapshot.erase(c.id);
+                }
+                break;
+            }
+            case Command::Stop: stop = true; break;
+        }
+    }
+    if (stop) {
+        while (!running.empty()) finish(running.back().get(), FinishReason::Cancelled);
+        while (!waiting.empty()) finish(waiting.back().get(), FinishReason::Cancelled);
+    }
+    return !stop;
+}
+
+void Engine::Impl::loop() {
+    while (drain()) {
+        try {
+            if (!running.empty() || !waiting.empty()) step();
+        } catch (const std::exception& e) {
+            // A backend failure ends every request in flight with the error;
+            // the engine stays up for the next ones.
+            while (!running.empty()) finish(running.back().get(), FinishReason::Error, e.what());
+        }
+        publish();
+    }
+    publish();
+}
+
+void Engine::Impl::release_session(Session& s) {
+    bm->release_all(s.seq.blocks);
+    s.seq.computed = 0;
+}
+
+bool Engine::Impl::evict_one_session() {
+    Session* victim = nullptr;
+    for (auto& [id, s] : sessions)
+        if (!s.busy && !s.seq.blocks.empty() && (!victim || s.last_used < victim->last_used)) victim = &s;
+    if (!victim) return false;
+    release_session(*victim);  // tokens stay: the next turn recomputes them
+    ++st.session_evictions;
+    return true;
+}
+
+void Engine::Impl::preempt(std::unique_ptr<Req> r) {
+    bm->release_all(r->seq.blocks);
+    r->seq.computed = 0;
+    ++st.preemptions;
+    waiting.push_front(std::move(r));
+}
+
+// Attaches a request to its session (reusing the cached prefix) and checks
+// that it fits in the context.
+void Engine::Impl::prepare(Req& r) {
+    r.prepared = true;
+    std::vector<int> prompt = std::move(r.req.prompt);
+    if (r.req.session_id) {
+        Session& s = sessions[*r.req.session_id];
+        s.id = *r.req.session_id;
+        if (r.req.append) {
+            std::vector<int> full = s.seq.tokens;
+            full.insert(full.end(), prompt.begin(), prompt.end());
+            prompt.swap(full);
+        }
+        int common = 0;
+        if (!r.req.sampling.prompt_logprobs) {
+            const int n = std::min<int>(s.seq.computed, int(prompt.size()));
+            while (common < n && s.seq.tokens[size_t(common)] == prompt[size_t(common)]) ++common;
+            common = std::min(common, int(prompt.size()) - 1);
+        }
+        r.seq = std::move(s.seq);
+        s.seq = Seq{};
+        bm->truncate(r.seq.blocks, common);
+        r.seq.computed = common;
+        r.cached = std::max(common, 0);
+        s.busy = &r;
+        r.session = &s;
+    }
+    r.seq.tokens = std::move(prompt);
+    r.prompt_len = int(r.seq.tokens.size());
+    if (r.req.sampling.prompt_logprobs) r.prompt_lp.assign(size_t(std::max(0, r.prompt_len - 1)), 0.0f);
+}
+
+void Engine::Impl::schedule() {
+    plan.clear();
+    slots.clear();
+    int budget = max_batch_tokens;
+    auto add = [&](Req& r, int take) {
+        BatchPlan::Seq s;
+        s.row_begin = int(plan.tokens.size());
+        s.n_rows = take;
+        s.ctx_len = r.seq.computed + take;
+        s.blocks = r.seq.blocks.data();
+        s.n_blocks = int(r.seq.blocks.size());
+        for (int i = r.seq.computed; i < r.seq.computed + take; ++i) {
+            plan.tokens.push_back(r.seq.tokens[size_t(i)]);
+            plan.positions.push_back(i);
+        }
+        Slot sl{&r, take, int(plan.logit_rows.size()), 0, false};
+        if (r.req.sampling.prompt_logprobs) {
+            // Rows at positions p < prompt_len - 1 score prompt token p + 1.
+            for (int i = 0; i < take; ++i) {
+                int pos = r.seq.computed + i;
+                if (pos < r.prompt_len - 1) plan.logit_rows.push_back(s.row_begin + i);
+            }
+        }
+        const bool last = s.ctx_len == int(r.seq.tokens.size());
+        if (last && r.req.sampling.max_tokens > r.out_count()) {
+            if (plan.logit_rows.empty() || plan.logit_rows.back() != s.row_begin + take - 1)
+                plan.logit_rows.push_back(s.row_begin + take - 1);
+            sl.sample = true;
+        }
+        sl.n_logits = int(plan.logit_rows.size()) - sl.logit_begin;
+        plan.seqs.push_back(s);
+        slots.push_back(sl);
+        budget -= take;
+    };
+    // Blocks for `tokens` tokens of r: evicts idle sessions, then preempts
+    // running sequences newer than index `keep` (newest first).
+    auto make_room = [&](Req& r, int64_t tokens, size_t keep) {
+        while (!bm->reserve(r.seq.blocks, tokens)) {
+            if (evict_one_session()) continue;
+            if (running.size() > keep + 1) {
+                auto victim = std::move(running.back());
+                running.pop_back();
+                preempt(std::move(victim));
+                continue;
+            }
+            return false;
+        }
+        return true;
+    };
+
+    // 1. Running sequences, oldest first: a decode token or the next prompt chunk.
+    for (size_t i = 0; i < running.size() && budget > 0;) {
+        Req& r = *running[i];
+        int take = std::min<int>(int(r.seq.tokens.size()) - r.seq.computed, budget);
+        if (!make_room(r, r.seq.computed + take, i)) {
+            int64_t fit = bm->capacity(r.seq.blocks) - r.seq.computed;
+            if (fit >= 1) {
+                take = int(std::min<int64_t>(take, fit));
+                bm->reserve(r.seq.blocks, r.seq.computed + take);
+            } else {
+                // r is the newest: it waits until others finish.
+                auto self = std::move(running[i]);
+                running.erase(running.begin() + long(i));
+                preempt(std::move(self));
+                continue;
+            }
+        }
+        add(r, take);
+        ++i;
+    }
+    // 2. Waiting requests, first come first served, while budget and blocks last.
+    for (auto it = waiting.begin(); it != waiting.end() && budget > 0 && int(running.size()) < max_batch_size;) {
+        Req& r = **it;
+        if (r.req.session_id && !r.prepared) {
+            auto s = sessions.find(*r.req.session_id);
+            if (s != sessions.end() && s->second.busy) {  // one request per session at a time
+                ++it;
+                continue;
+            }
+        }
+        if (!r.prepared) {
+            prepare(r);
+            if (r.prompt_len == 0) {
+                Req* rp = &r;
+                ++it;
+                finish(rp, FinishReason::Error, "the prompt is empty");
+                continue;
+            }
+            if (r.prompt_len > max_ctx) {
+                Req* rp = &r;
+                ++it;
+                finish(rp, FinishReason::Error,
+                       "the prompt has " + std::to_string(r.prompt_len) + " tokens; the context holds " +
+                           std::to_string(max_ctx) + " (session length and KV cache size)");
+                continue;
+            }
+        }
+        const int take = std::min<int>(int(r.seq.tokens.size()) - r.seq.computed, budget);
+        if (!make_room(r, r.seq.computed + take, running.size())) break;
+        running.push_back(std::move(*it));
+        it = waiting.erase(it);
+        add(*running.back(), take);
+    }
+}
+
+void Engine::Impl::step() {
+    schedule();
+    if (slots.empty() && running.empty() && !waiting.empty()) {
+        // Waiting requests that hold session blocks can starve the front one:
+        // let them recompute later.
+        for (auto& w : waiting)
+            if (!w->seq.blocks.empty()) {
+                bm->release_all(w->seq.blocks);
+                w->seq.computed = 0;
+            }
+        schedule();
+    }
+    if (slots.empty()) return;
+    const float* logits = backend->forward(plan);
+    ++st.steps;
+    const size_t V = size_t(cfg.vocab_size);
+    // Prompt log-probabilities.
+    lp_index.clear();
+    lp_target.clear();
+    for (auto& sl : slots) {
+        Req& r = *sl.r;
+        if (!r.req.sampling.prompt_logprobs) continue;
+        for (int j = 0; j < sl.n_logits; ++j) {
+            int row = plan.logit_rows[size_t(sl.logit_begin + j)];
+            int pos = plan.positions[size_t(row)];
+            if (pos < r.prompt_len - 1) {
+                lp_index.push_back(sl.logit_begin + j);
+                lp_target.push_back(r.seq.tokens[size_t(pos) + 1]);
+            }
+        }
+    }
+    if (!lp_index.empty()) {
+        lp_out.resize(lp_index.size());
+        backend->token_logprobs(lp_index.data(), lp_target.data(), int(lp_index.size()), lp_out.data());
+        size_t k = 0;
+        for (auto& sl : slots) {
+            Req& r = *sl.r;
+            if (!r.req.sampling.prompt_logprobs) continue;
+            for (int j = 0; j < sl.n_logits; ++j) {
+                int row = plan.logit_rows[size_t(sl.logit_begin + j)];
+                int pos = plan.positions[size_t(row)];
+                if (pos < r.prompt_len - 1) r.prompt_lp[size_t(pos)] = lp_out[k++];
+            }
+        }
+    }
+    std::vector<Req*> done;
+    for (auto& sl : slots) {
+        Req& r = *sl.r;
+        r.seq.computed += sl.rows;
+        st.prompt_tokens_computed += uint64_t(sl.sample ? sl.rows - 1 : sl.rows);
+        if (sl.sample) {
+            logit_copy.assign(logits + size_t(sl.logit_begin + sl.n_logits - 1) * V,
+                              logits + size_t(sl.logit_begin + sl.n_logits) * V);
+            std::span<const int> prompt(r.seq.tokens.data(), size_t(r.prompt_len));
+            std::span<const int> out(r.seq.tokens.data() + r.prompt_len, size_t(r.out_count()));
+            int tok = sampler->sample(logit_copy.data(), r.req.sampling, prompt, out, r.rng);
+            on_token(r, tok);
+        } else if (r.seq.computed == int(r.seq.tokens.size())) {
+            // Prefill only (max_tokens reached or 0).
+            emit(r, true, FinishReason::Length, {});
+        }
+    }
+    // Finished requests leave the running list.
+    for (size_t i = 0; i < running.size();) {
+        if (running[i]->cb == nullptr) {
+            Req* r = running[i].get();
+            finish(r, FinishReason::None);
+        } else {
+            ++i;
+        }
+    }
+}
+
+namespace {
+
+// Length of the longest suffix of `text` that is a proper prefix of `s`.
+size_t partial_suffix(const std::string& text, const std::string& s) {
+    for (size_t k = std::min(text.size(), s.size() - 1); k > 0; --k)
+        if (text.compare(text.size() - k, k, s, 0, k) == 0) return k;
+    return 0;
+}
+
+}  // namespace
+
+void Engine::Impl::on_token(Req& r, int tok) {
+    const SamplingParams& p = r.req.sampling;
+    r.seq.tokens.push_back(tok);
+    r.new_ids.push_back(tok);
+    ++st.generated_tokens;
+    if (!r.got_first) {
+        r.got_first = true;
+        r.t_first = Clock::now();
+    }
+    const bool is_eos = std::find(eos_ids.begin(), eos_ids.end(), tok) != eos_ids.end();
+    if ((is_eos && !p.ignore_eos) || std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end()) {
+        r.new_text += r.held;  // the held text did not become a stop string
+        r.held.clear();
+        emit(r, true, FinishReason::Stop, {});
+        return;
+    }
+    r.held += r.dec->push(tok);
+    if (!p.stop.empty()) {
+        size_t cut = std::string::npos;
+        for (auto& s : p.stop) cut = std::min(cut, r.held.find(s));
+        if (cut != std::string::npos) {
+            r.new_text += r.held.substr(0, cut);
+            r.held.clear();
+            emit(r, true, FinishReason::Stop, {});
+            return;
+        }
+        size_t keep = 0;
+        for (auto& s : p.stop) keep = std::max(keep, partial_suffix(r.held, s));
+        r.new_text += r.held.substr(0, r.held.size() - keep);
+        r.held.erase(0, r.held.size() - keep);
+    } else {
+        r.new_text += r.held;
+        r.held.clear();
+    }
+    const bool at_max = r.out_count() >= p.max_tokens;
+    const bool at_ctx = int(r.seq.tokens.size()) > max_ctx;
+    if (at_max || at_ctx) {
+        r.held += r.dec->finish();
+        r.new_text += r.held;
+        r.held.clear();
+        emit(r, true, FinishReason::Length, {});
+        return;
+    }
+    emit(r, false, FinishReason::None, {});
+}
+
+// Sends an output. A final one marks the request done (cb cleared after the
+// call); the loop then removes it with finish().
+void Engine::Impl::emit(Req& r, bool final, FinishReason why, const std::string& error) {
+    if (!r.cb) return;
+    if (!final && r.new_ids.empty() && r.new_text.empty()) return;
+    Output o;
+    o.request_id = r.id;
+    o.token_ids.swap(r.new_ids);
+    o.text.swap(r.new_text);
+    o.finished = final;
+    o.finish_reason = final ? why : FinishReason::None;
+    o.error = error;
+    o.usage.prompt_tokens = r.prompt_len;
+    o.usage.completion_tokens = std::max(0, r.out_count());
+    o.usage.cached_tokens = r.cached;
+    if (final) {
+        o.prompt_logprobs = std::move(r.prompt_lp);
+        if (r.got_first) o.time_to_first_token = std::chrono::duration<double>(r.t_first - r.t_submit).count();
+    }
+    try {
+        r.cb(o);
+    } catch (...) {
+        // A callback must not throw; the engine goes on.
+    }
+    if (final) r.cb = nullptr;
+}
+
+// Ends a request wherever it is: emits its final output (if not yet sent),
+// returns its sequence to its session or frees its blocks, and removes it.
+void Engine::Impl::finish(Req* r, FinishReason why, const std::string& error) {
+    if (r->cb) {
+        r->new_text += r->held;
+        r->held.clear();
+        emit(*r, true, why, error);
+    }
+    if (r->session) {
+        Session& s = *r->session;
+        // Keep only what the cache holds plus the last sampled token.
+        s.seq = std::move(r->seq);
+        s.last_used = ++tick;
+        s.busy = nullptr;
+        r->session = nullptr;
+        std::lock_guard<std::mutex> lk(mu);
+        if (s.ending) {
+            session_tokens_snapshot.erase(s.id);
+            bm->release_all(s.seq.blocks);
+            sessions.erase(s.id);
+        } else {
+            session_tokens_snapshot[s.id] = s.seq.tokens;
+        }
+    } else {
+        bm->release_all(r->seq.blocks);
+    }
+    for (size_t i = 0; i < running.size(); ++i)
+        if (running[i].get() == r) {
+            running.erase(running.begin() + long(i));
+            return;
+        }
+    for (auto it = waiting.begin(); it != waiting.end(); ++it)
+        if (it->get() == r) {
+            waiting.erase(it);
+            return;
+        }
+}
+
+}  // namespace tmc
