@@ -1,0 +1,145 @@
+// CPU engine benchmark (scripts/bench-cpu.sh runs it): batch-1 decode,
+// batch-16 decode throughput and prompt processing through the public API,
+// next to two baselines measured in the same run: the naive reference
+// forward pass (one thread, fp32) and the memory-bandwidth bound of
+// batch-1 decode (weight bytes read per token / measured read bandwidth).
+// One JSON line per figure on stdout.
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend/cpu/reference_model.hpp"
+#include "tm/engine.hpp"
+#include "tm/workspace.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::vector<int> prompt_of(int n, int salt) {
+    std::vector<int> p = {1};
+    for (int i = 1; i < n; ++i) p.push_back(300 + (i * 7919 + salt * 104729) % 20000);
+    return p;
+}
+
+// Decode tokens/s over `batch` concurrent requests of `gen` tokens each,
+// counted once every request has its first token (prompts are in). The
+// callbacks run on the engine thread; this thread sleeps meanwhile.
+double decode_rate(tmc::Engine& e, int batch, int prompt_len, int gen) {
+    std::mutex mu;
+    std::condition_variable cv;
+    int with_first = 0, finished = 0;
+    long tokens_after = 0;
+    Clock::time_point t0;
+    for (int b = 0; b < batch; ++b) {
+        tmc::Request r;
+        r.prompt = prompt_of(prompt_len, b);
+        r.sampling.temperature = 0;
+        r.sampling.ignore_eos = true;
+        r.sampling.max_tokens = gen;
+        auto seen = std::make_shared<int>(0);
+        e.submit(std::move(r), [&, seen](const tmc::Output& o) {
+            std::lock_guard<std::mutex> lk(mu);
+            if (with_first == batch) tokens_after += long(o.token_ids.size());
+            if (*seen == 0 && !o.token_ids.empty() && ++with_first == batch) t0 = Clock::now();
+            *seen += int(o.token_ids.size());
+            if (o.finished && ++finished == batch) cv.notify_all();
+        });
+    }
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return finished == batch; });
+    return double(tokens_after) / since(t0);
+}
+
+double prompt_rate(tmc::Engine& e, int n) {
+    tmc::Request r;
+    r.prompt = prompt_of(n, 99);
+    r.sampling.max_tokens = 1;
+    r.sampling.temperature = 0;
+    auto t = Clock::now();
+    auto s = e.generate(std::move(r));
+    tmc::Output o;
+    while (s.next(o)) {
+    }
+    return n / since(t);
+}
+
+double read_bandwidth(int threads) {
+    const size_t n = size_t(512) << 20;
+    std::vector<char> buf(n, 1);
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+        auto t = Clock::now();
+        std::vector<std::thread> th;
+        std::vector<uint64_t> sums(static_cast<size_t>(threads));
+        for (int i = 0; i < threads; ++i)
+            th.emplace_back([&, i] {
+                const uint64_t* p = reinterpret_cast<const uint64_t*>(buf.data() + n / size_t(threads) * size_t(i));
+                uint64_t s = 0;
+                for (size_t k = 0; k < n / size_t(threads) / 8; k += 8)
+                    s += p[k] ^ p[k + 1] ^ p[k + 2] ^ p[k + 3] ^ p[k + 4] ^ p[k + 5] ^ p[k + 6] ^ p[k + 7];
+                sums[size_t(i)] = s;
+            });
+        for (auto& x : th) x.join();
+        best = std::max(best, double(n) / since(t));
+    }
+    return best;
+}
+
+void line(const char* name, double value, const char* unit, const std::string& extra) {
+    std::printf("{\"bench\": \"%s\", \"value\": %.1f, \"unit\": \"%s\"%s}\n", name, value, unit, extra.c_str());
+    std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        std::fprintf(stderr, "usage: engine_bench WS [threads]\n");
+        return 2;
+    }
+    const int threads = argc > 2 ? std::atoi(argv[2]) : 0;
+    tmc::EngineOptions eo;
+    eo.device = "cpu";
+    eo.threads = threads;
+    auto e = tmc::Engine::open(argv[1], eo);
+    const int nthreads = threads > 0 ? threads : int(std::thread::hardware_concurrency());
+    // Warm up (page in the weights).
+    decode_rate(*e, 1, 16, 16);
+
+    tmc::Workspace ws(argv[1]);
+    const auto& c = ws.model();
+    double weight_bytes = 0;
+    for (auto& f : ws.manifest().files)
+        if (f.is_tensor) weight_bytes += double(f.bytes);
+    if (!c.tie_word_embeddings) weight_bytes -= double(c.vocab_size) * c.hidden_size * 2;  // embedding: one row read
+    const double bw = read_bandwidth(nthreads);
+    const double bound = bw / weight_bytes;
+
+    // The naive reference: one thread, one token at a time.
+    tmc::ReferenceModel ref(ws);
+    auto cache = ref.new_cache();
+    ref.forward(prompt_of(16, 0), cache);
+    auto t = Clock::now();
+    int n = 0;
+    for (; n < 32; ++n) ref.forward({300 + n}, cache);
+    const double ref_rate = n / since(t);
+
+    const double b1 = decode_rate(*e, 1, 128, 256);
+    line("decode_b1", b1, "tok/s",
+         ", \"reference\": " + std::to_string(ref_rate) + ", \"x_reference\": " + std::to_string(b1 / ref_rate) +
+             ", \"bandwidth_bound\": " + std::to_string(bound) + ", \"of_bound\": " + std::to_string(b1 / bound) +
+             ", \"read_GBps\": " + std::to_string(bw / 1e9));
+    const double b16 = decode_rate(*e, 16, 128, 128);
+    line("decode_b16", b16, "tok/s", ", \"x_b1\": " + std::to_string(b16 / b1));
+    const double pp = prompt_rate(*e, 512);
+    line("prompt_512", pp, "tok/s", ", \"x_reference\": " + std::to_string(pp / ref_rate));
+    return 0;
+}
