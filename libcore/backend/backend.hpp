@@ -57,8 +57,8 @@ public:
     // Allocates the KV pool and step buffers. Called once, before forward().
     virtual void init(const BackendLimits& limits) = 0;
     // Runs the plan; returns logits [plan.logit_rows.size()][vocab_size],
-    // valid until the next call.
-    virtual const float* forward(const BatchPlan& plan) = 0;
+    // valid until the next call (the caller may modify them in place).
+    virtual float* forward(const BatchPlan& plan) = 0;
     // log p(targets[i] | row logits_index[i]) from the last forward's logits.
     virtual void token_logprobs(const int* logit_index, const int* targets, int n, float* out) = 0;
 };

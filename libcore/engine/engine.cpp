@@ -122,7 +122,6 @@ struct Engine::Impl {
     std::vector<Slot> slots;
     std::vector<int> lp_index, lp_target;
     std::vector<float> lp_out;
-    std::vector<float> logit_copy;
     std::thread thread;
 
     void loop();
@@ -644,7 +643,7 @@ void Engine::Impl::step() {
         schedule();
     }
     if (slots.empty()) return;
-    const float* logits = backend->forward(plan);
+    float* logits = backend->forward(plan);
     ++st.steps;
     const size_t V = size_t(cfg.vocab_size);
     // Prompt log-probabilities.
@@ -682,11 +681,11 @@ void Engine::Impl::step() {
         r.seq.computed += sl.rows;
         st.prompt_tokens_computed += uint64_t(sl.sample ? sl.rows - 1 : sl.rows);
         if (sl.sample) {
-            logit_copy.assign(logits + size_t(sl.logit_begin + sl.n_logits - 1) * V,
-                              logits + size_t(sl.logit_begin + sl.n_logits) * V);
+            // Prompt log-probabilities were taken above: the row can be modified.
+            float* row = logits + size_t(sl.logit_begin + sl.n_logits - 1) * V;
             std::span<const int> prompt(r.seq.tokens.data(), size_t(r.prompt_len));
             std::span<const int> out(r.seq.tokens.data() + r.prompt_len, size_t(r.out_count()));
-            int tok = sampler->sample(logit_copy.data(), r.req.sampling, prompt, out, r.rng);
+            int tok = sampler->sample(row, r.req.sampling, prompt, out, r.rng);
             on_token(r, tok);
         } else if (r.seq.computed == int(r.seq.tokens.size())) {
             // Prefill only (max_tokens reached or 0).

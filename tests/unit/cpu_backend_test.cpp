@@ -112,13 +112,15 @@ TEST(CpuKernels, IsasAgreeOnGemm) {
     std::mt19937 rng(1);
     std::uniform_real_distribution<float> u(-1, 1);
     for (int K : {16, 37, 384}) {
-        const int N = 23, T = 9;
+        const int N = 87, T = 9;
         std::vector<uint16_t> W(size_t(N * K));
-        std::vector<float> X(size_t(T * K)), Y1(size_t(T * N)), Y2(size_t(T * N)), wbuf(size_t(4 * K));
+        std::vector<float> X(size_t(T * K)), Y1(size_t(T * N)), Y2(size_t(T * N));
         for (auto& w : W) w = tmc::f32_to_bf16(u(rng));
         for (auto& x : X) x = u(rng);
+        std::vector<uint16_t> Wp(tmc::cpu::packed_size(N, K));
+        tmc::cpu::pack_weights(W.data(), N, K, Wp.data());
         const auto& k = tmc::cpu::cpu_kernels();
-        k.gemm(tmc::cpu::kWeightBF16, W.data(), K, X.data(), size_t(K), T, Y1.data(), size_t(N), 0, N, false, wbuf.data());
+        k.gemm(tmc::cpu::kWeightBF16, Wp.data(), K, X.data(), size_t(K), T, Y1.data(), size_t(N), 0, N, false);
         for (int t = 0; t < T; ++t)
             for (int n = 0; n < N; ++n) {
                 double s = 0;
@@ -126,8 +128,15 @@ TEST(CpuKernels, IsasAgreeOnGemm) {
                 ASSERT_NEAR(Y1[size_t(t * N + n)], s, 1e-4 * K) << K;
             }
         const auto& k2 = tmc::cpu::cpu_kernels_avx2();
-        k2.gemm(tmc::cpu::kWeightBF16, W.data(), K, X.data(), size_t(K), T, Y2.data(), size_t(N), 0, N, false, wbuf.data());
-        for (size_t i = 0; i < Y1.size(); ++i) ASSERT_NEAR(Y1[i], Y2[i], 1e-4 * K);
+        k2.gemm(tmc::cpu::kWeightBF16, Wp.data(), K, X.data(), size_t(K), T, Y2.data(), size_t(N), 0, N, false);
+        // Same order of operations: the same bits on both instruction sets.
+        ASSERT_EQ(0, std::memcmp(Y1.data(), Y2.data(), Y1.size() * 4));
+        // And row by row (batch invariance at the kernel level).
+        for (int t = 0; t < T; ++t) {
+            std::vector<float> y(static_cast<size_t>(N));
+            k.gemm(tmc::cpu::kWeightBF16, Wp.data(), K, X.data() + size_t(t * K), size_t(K), 1, y.data(), size_t(N), 0, N, false);
+            ASSERT_EQ(0, std::memcmp(y.data(), Y1.data() + size_t(t * N), size_t(N) * 4));
+        }
     }
 }
 

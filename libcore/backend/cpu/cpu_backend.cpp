@@ -23,8 +23,9 @@ using cpu::Kernels;
 using cpu::ThreadPool;
 
 struct Weight {
-    const uint16_t* data = nullptr;
+    const uint16_t* data = nullptr;  // row-major, in the mapped workspace file
     int rows = 0, cols = 0;
+    std::shared_ptr<uint16_t[]> packed;  // linear layers: 16-row panels (cpu::pack_weights)
 };
 
 class CpuBackend final : public Backend {
@@ -34,7 +35,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     size_t kv_bytes_per_token() const override { return size_t(cfg_.num_layers) * 2 * size_t(cfg_.kv_size()) * 4; }
     void init(const BackendLimits& limits) override;
-    const float* forward(const BatchPlan& plan) override;
+    float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
 
 private:
@@ -44,6 +45,7 @@ private:
     };
 
     Weight weight(const Workspace& ws, const std::string& name, int rows, int cols);
+    Weight linear(const Workspace& ws, const std::string& name, int rows, int cols);
     void gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate);
     template <class F>
     void rows(int T, F&& f);  // f(row) in parallel over rows
@@ -58,11 +60,13 @@ private:
     std::vector<float> inv_freq_;
 
     BackendLimits lim_;
+    // A block holds, per layer, K as [kv_heads * head_dim][block_size] and
+    // then V as [block_size][kv_heads * head_dim].
     size_t block_stride_ = 0;  // floats per block (all layers, K and V)
     std::unique_ptr<float[]> kv_;
     std::vector<float> rope_cos_, rope_sin_;  // [max_context][head_dim / 2]
     std::vector<float> x_, h_, qkv_, attn_, gu_, act_, hn_, logits_;
-    std::vector<float> wbuf_, scratch_;  // per thread
+    std::vector<float> scratch_;  // per thread
     std::vector<int> row_seq_;
     int last_logit_rows_ = 0;
 };
@@ -72,7 +76,16 @@ Weight CpuBackend::weight(const Workspace& ws, const std::string& name, int rows
     const int64_t want = int64_t(rows) * cols;
     if (v.numel() != want || (v.dtype != DType::BF16 && v.dtype != DType::F16) || v.dtype != cfg_.weight_dtype)
         throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
-    return Weight{static_cast<const uint16_t*>(v.data), rows, cols};
+    return Weight{static_cast<const uint16_t*>(v.data), rows, cols, nullptr};
+}
+
+// Linear layers are repacked once at load (same 16-bit values, another
+// order) so the GEMM streams each panel contiguously.
+Weight CpuBackend::linear(const Workspace& ws, const std::string& name, int rows, int cols) {
+    Weight w = weight(ws, name, rows, cols);
+    w.packed.reset(new uint16_t[cpu::packed_size(rows, cols)]);
+    cpu::pack_weights(w.data, rows, cols, w.packed.get());
+    return w;
 }
 
 CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
@@ -91,11 +104,11 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
     emb_ = weight(ws, wname::kEmbedding, V, H);
     final_norm_ = weight(ws, wname::kFinalNorm, 1, H);
-    output_ = cfg_.tie_word_embeddings ? emb_ : weight(ws, wname::kOutput, V, H);
+    output_ = linear(ws, cfg_.tie_word_embeddings ? wname::kEmbedding : wname::kOutput, V, H);
     for (int l = 0; l < cfg_.num_layers; ++l) {
         Layer L;
         L.attn_norm = weight(ws, wname::layer(l, wname::kAttnNorm), 1, H);
-        L.wqkv = weight(ws, wname::layer(l, wname::kWqkv), qkv, H);
+        L.wqkv = linear(ws, wname::layer(l, wname::kWqkv), qkv, H);
         if (cfg_.attn_bias) {
             WeightView b = ws.tensor(0, wname::layer(l, wname::kBqkv));
             if (b.numel() != qkv) throw Error(ws.dir() + ": qkv bias of layer " + std::to_string(l) + " has the wrong size");
@@ -106,10 +119,10 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
             L.q_norm = weight(ws, wname::layer(l, wname::kQNorm), 1, hd);
             L.k_norm = weight(ws, wname::layer(l, wname::kKNorm), 1, hd);
         }
-        L.wo = weight(ws, wname::layer(l, wname::kWo), H, cfg_.q_size());
+        L.wo = linear(ws, wname::layer(l, wname::kWo), H, cfg_.q_size());
         L.ffn_norm = weight(ws, wname::layer(l, wname::kFfnNorm), 1, H);
-        L.w13 = weight(ws, wname::layer(l, wname::kW13), 2 * I, H);
-        L.w2 = weight(ws, wname::layer(l, wname::kW2), H, I);
+        L.w13 = linear(ws, wname::layer(l, wname::kW13), 2 * I, H);
+        L.w2 = linear(ws, wname::layer(l, wname::kW2), H, I);
         layers_.push_back(std::move(L));
     }
     inv_freq_ = rope_inv_freq(cfg_);
@@ -139,8 +152,6 @@ void CpuBackend::init(const BackendLimits& limits) {
     act_.resize(T * I);
     hn_.resize(size_t(lim_.max_logit_rows) * H);
     logits_.resize(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
-    const size_t kmax = std::max({H, I, size_t(cfg_.q_size())});
-    wbuf_.resize(size_t(pool_.size()) * 4 * kmax);
     const size_t group = size_t(cfg_.num_heads / cfg_.num_kv_heads);
     scratch_.resize(size_t(pool_.size()) * group * size_t(lim_.max_context));
     row_seq_.resize(T);
@@ -148,15 +159,14 @@ void CpuBackend::init(const BackendLimits& limits) {
 
 void CpuBackend::gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate) {
     const int N = w.rows, K = w.cols;
-    // Chunks of 16 rows, about four per thread, taken dynamically.
+    // Chunks of whole 64-row panel groups, about four per thread, taken dynamically.
     const int n_threads = pool_.size();
     int chunk = (N + 4 * n_threads - 1) / (4 * n_threads);
-    chunk = std::max(16, (chunk + 15) / 16 * 16);
+    chunk = std::max(64, (chunk + 63) / 64 * 64);
     const int n_tasks = (N + chunk - 1) / chunk;
-    const size_t kmax = wbuf_.size() / size_t(n_threads);
-    pool_.run(n_tasks, [&](int task, int thread) {
+    pool_.run(n_tasks, [&](int task, int) {
         const int n0 = task * chunk, n1 = std::min(N, n0 + chunk);
-        k_.gemm(wtype_, w.data, K, x, ldx, T, y, ldy, n0, n1, accumulate, wbuf_.data() + size_t(thread) * kmax);
+        k_.gemm(wtype_, w.packed.get(), K, x, ldx, T, y, ldy, n0, n1, accumulate);
     });
 }
 
@@ -183,8 +193,8 @@ void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
         a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
         a.group = group;
         a.head_dim = hd;
-        a.k_base = kv_.get() + layer_off + size_t(kh * hd);
-        a.v_base = a.k_base + size_t(lim_.block_size) * kvs;
+        a.k_base = kv_.get() + layer_off + size_t(kh * hd) * size_t(lim_.block_size);
+        a.v_base = kv_.get() + layer_off + size_t(lim_.block_size) * kvs + size_t(kh * hd);
         a.block_stride = block_stride_;
         a.slot_stride = kvs;
         a.block_table = s.blocks;
@@ -198,7 +208,7 @@ void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
     });
 }
 
-const float* CpuBackend::forward(const BatchPlan& plan) {
+float* CpuBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size());
     const int L = int(plan.logit_rows.size());
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
@@ -249,7 +259,9 @@ const float* CpuBackend::forward(const BatchPlan& plan) {
             for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd);
             const BatchPlan::Seq& sq = plan.seqs[size_t(row_seq_[size_t(r)])];
             float* slot = kv_.get() + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + (size_t(pos) % bs) * kvs;
-            std::memcpy(slot, k, kvs * 4);
+            // K transposed within the block ([channel][slot]), V as rows.
+            float* kt = kv_.get() + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + size_t(pos) % bs;
+            for (size_t i = 0; i < kvs; ++i) kt[i * bs] = k[i];
             std::memcpy(slot + bs * kvs, v, kvs * 4);
         });
         attention_layer(plan, int(l), T);

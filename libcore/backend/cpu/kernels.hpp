@@ -20,8 +20,10 @@ struct AttnArgs {
     const float* q;  // `group` query heads of one token, head_dim floats each
     int group;
     int head_dim;
-    // K and V of position j of this KV head: base + block_table[j / block_size] *
-    // block_stride + (j % block_size) * slot_stride.
+    // In block b = block_table[j / block_size], slot s = j % block_size:
+    // channel i of K of position j is k_base[b * block_stride + i * block_size + s]
+    // (K is stored transposed per block), V of position j starts at
+    // v_base + b * block_stride + s * slot_stride.
     const float* k_base;
     const float* v_base;
     size_t block_stride;
@@ -36,10 +38,11 @@ struct AttnArgs {
 
 struct Kernels {
     const char* isa;
-    // Y[t, n] (+)= sum_k W[n, k] * X[t, k] for t < T, n in [n0, n1).
-    // W: 16-bit weights, row-major [N, K]. wbuf: scratch of 4 * K floats.
-    void (*gemm)(int wtype, const uint16_t* W, int K, const float* X, size_t ldx, int T, float* Y,
-                 size_t ldy, int n0, int n1, bool accumulate, float* wbuf);
+    // Y[t, n] (+)= sum_k W[n, k] * X[t, k] for t < T, n in [n0, n1), the sum
+    // taken in order k = 0, 1, ...; W packed by pack_weights(); n0 a
+    // multiple of 16.
+    void (*gemm)(int wtype, const uint16_t* Wp, int K, const float* X, size_t ldx, int T, float* Y,
+                 size_t ldy, int n0, int n1, bool accumulate);
     // out = x / rms(x) * w (w: 16-bit weights; may alias x).
     void (*rmsnorm)(const float* x, const uint16_t* w, int wtype, int n, float eps, float* out);
     // out[i] = silu(g[i]) * u[i].
@@ -48,6 +51,11 @@ struct Kernels {
     // log(sum(exp(x))).
     float (*logsumexp)(const float* x, int n);
 };
+
+// Row-major 16-bit W [N, K] into panels of 16 rows: out[(n / 16) * 16 * K +
+// k * 16 + n % 16] = W[n, k], rows past N zero. out holds packed_size(N, K).
+size_t packed_size(int N, int K);
+void pack_weights(const uint16_t* W, int N, int K, uint16_t* out);
 
 const Kernels& cpu_kernels();
 const Kernels& cpu_kernels_avx512();

@@ -1,6 +1,6 @@
 // AVX-512 build of kernels.inc (the Makefile adds -mavx512f -mavx512bw -mavx512vl).
 #define TM_KNS avx512
-#define TM_NR 4
+#define TM_P 4
 #define TM_TR 4
 #define TM_ISA_NAME "avx512"
 #define TM_KERNELS_FN cpu_kernels_avx512
