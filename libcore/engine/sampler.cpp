@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/kernels.hpp"
+
 namespace tmc {
 
 namespace {
@@ -66,7 +68,7 @@ int Sampler::sample(float* logits, const SamplingParams& p, std::span<const int>
     apply_penalties(logits, p, prompt, output);
     if (p.temperature <= 0.0f || p.top_k == 1) {
         // Greedy: the first of equal maxima, as torch.argmax.
-        return int(std::max_element(logits, logits + vocab_) - logits);
+        return cpu::cpu_kernels().argmax(logits, vocab_);
     }
     const float inv_t = 1.0f / p.temperature;
     const float mx = *std::max_element(logits, logits + vocab_);

@@ -50,6 +50,7 @@ struct Kernels {
     void (*attention)(const AttnArgs& a);
     // log(sum(exp(x))).
     float (*logsumexp)(const float* x, int n);
+    int (*argmax)(const float* x, int n);
 };
 
 // Row-major 16-bit W [N, K] into panels of 16 rows: out[(n / 16) * 16 * K +
