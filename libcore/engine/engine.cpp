@@ -63,6 +63,7 @@ struct Req {
     std::vector<float> prompt_lp;
     Clock::time_point t_submit, t_first;
     bool got_first = false;
+    FinishReason done = FinishReason::None;  // set when a stop condition hit; finish() follows
     int out_count() const { return int(seq.tokens.size()) - prompt_len; }
 };
 
@@ -678,8 +679,8 @@ void Engine::Impl::step() {
     std::vector<Req*> done;
     for (auto& sl : slots) {
         Req& r = *sl.r;
+        st.prompt_tokens_computed += uint64_t(std::max(0, std::min(r.seq.computed + sl.rows, r.prompt_len) - r.seq.computed));
         r.seq.computed += sl.rows;
-        st.prompt_tokens_computed += uint64_t(sl.sample ? sl.rows - 1 : sl.rows);
         if (sl.sample) {
             // Prompt log-probabilities were taken above: the row can be modified.
             float* row = logits + size_t(sl.logit_begin + sl.n_logits - 1) * V;
@@ -689,17 +690,13 @@ void Engine::Impl::step() {
             on_token(r, tok);
         } else if (r.seq.computed == int(r.seq.tokens.size())) {
             // Prefill only (max_tokens reached or 0).
-            emit(r, true, FinishReason::Length, {});
+            r.done = FinishReason::Length;
         }
     }
     // Finished requests leave the running list.
     for (size_t i = 0; i < running.size();) {
-        if (running[i]->cb == nullptr) {
-            Req* r = running[i].get();
-            finish(r, FinishReason::None);
-        } else {
-            ++i;
-        }
+        if (running[i]->done != FinishReason::None) finish(running[i].get(), running[i]->done);
+        else ++i;
     }
 }
 
@@ -727,7 +724,7 @@ void Engine::Impl::on_token(Req& r, int tok) {
     if ((is_eos && !p.ignore_eos) || std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end()) {
         r.new_text += r.held;  // the held text did not become a stop string
         r.held.clear();
-        emit(r, true, FinishReason::Stop, {});
+        r.done = FinishReason::Stop;
         return;
     }
     r.held += r.dec->push(tok);
@@ -737,7 +734,7 @@ void Engine::Impl::on_token(Req& r, int tok) {
         if (cut != std::string::npos) {
             r.new_text += r.held.substr(0, cut);
             r.held.clear();
-            emit(r, true, FinishReason::Stop, {});
+            r.done = FinishReason::Stop;
             return;
         }
         size_t keep = 0;
@@ -754,7 +751,7 @@ void Engine::Impl::on_token(Req& r, int tok) {
         r.held += r.dec->finish();
         r.new_text += r.held;
         r.held.clear();
-        emit(r, true, FinishReason::Length, {});
+        r.done = FinishReason::Length;
         return;
     }
     emit(r, false, FinishReason::None, {});
@@ -787,17 +784,24 @@ void Engine::Impl::emit(Req& r, bool final, FinishReason why, const std::string&
     if (final) r.cb = nullptr;
 }
 
-// Ends a request wherever it is: emits its final output (if not yet sent),
-// returns its sequence to its session or frees its blocks, and removes it.
+// Ends a request wherever it is: returns its sequence to its session or
+// frees its blocks, removes it, publishes the stats, then sends its final
+// output (so a caller that sees the end also sees the blocks back).
 void Engine::Impl::finish(Req* r, FinishReason why, const std::string& error) {
-    if (r->cb) {
-        r->new_text += r->held;
-        r->held.clear();
-        emit(*r, true, why, error);
-    }
+    std::unique_ptr<Req> owned;
+    for (size_t i = 0; i < running.size() && !owned; ++i)
+        if (running[i].get() == r) {
+            owned = std::move(running[i]);
+            running.erase(running.begin() + long(i));
+        }
+    for (auto it = waiting.begin(); it != waiting.end() && !owned; ++it)
+        if (it->get() == r) {
+            owned = std::move(*it);
+            waiting.erase(it);
+            break;
+        }
     if (r->session) {
         Session& s = *r->session;
-        // Keep only what the cache holds plus the last sampled token.
         s.seq = std::move(r->seq);
         s.last_used = ++tick;
         s.busy = nullptr;
@@ -813,16 +817,12 @@ void Engine::Impl::finish(Req* r, FinishReason why, const std::string& error) {
     } else {
         bm->release_all(r->seq.blocks);
     }
-    for (size_t i = 0; i < running.size(); ++i)
-        if (running[i].get() == r) {
-            running.erase(running.begin() + long(i));
-            return;
-        }
-    for (auto it = waiting.begin(); it != waiting.end(); ++it)
-        if (it->get() == r) {
-            waiting.erase(it);
-            return;
-        }
+    publish();
+    if (r->cb) {
+        r->new_text += r->held;
+        r->held.clear();
+        emit(*r, true, why, error);
+    }
 }
 
 }  // namespace tmc

@@ -1,12 +1,15 @@
 // The CPU backend against the reference forward pass on every architecture,
 // and bit-for-bit batch invariance (a sequence gives the same logits alone,
 // batched with others, and prefilled in chunks).
+#include <simdjson.h>
+
 #include <cstring>
 #include <random>
 
 #include "backend/backend.hpp"
 #include "backend/cpu/kernels.hpp"
 #include "backend/cpu/reference_model.hpp"
+#include "base/mapped_file.hpp"
 #include "test_util.hpp"
 #include "tm/workspace.hpp"
 
@@ -24,6 +27,7 @@ struct Fixture {
         tmc::BackendLimits lim;
         lim.num_blocks = 64;
         lim.block_size = 4;  // small blocks: sequences span several
+        // (up to 256 tokens)
         lim.max_batch_tokens = 64;
         lim.max_logit_rows = 64;
         lim.max_context = 128;
@@ -76,6 +80,47 @@ TEST(CpuBackend, MatchesReferenceOnEveryArchitecture) {
         got = run(*f.be, {toks}, {blocks}, {int(toks.size()) - 1}, {int(toks.size())})[0];
         for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(got[i], want[i], 2e-4 + 2e-4 * std::abs(want[i])) << m << " " << i;
     }
+}
+
+// Along the reference's greedy path (its tokens fed back), every logged
+// top-5 logit is within `tol` of transformers' fp32 value.
+void check_golden(const std::string& model, const std::string& golden, double tol) {
+    Fixture f(model);
+    simdjson::dom::parser parser;
+    auto text = tmc::read_file(golden);
+    size_t checked = 0;
+    std::vector<int> blocks;
+    for (int b = 0; b < 64; ++b) blocks.push_back(63 - b);  // out of order on purpose
+    for (auto doc : parser.parse_many(text)) {
+        simdjson::dom::array pids;
+        if (doc["prompt_ids"].get(pids)) continue;  // the perplexity line
+        std::vector<int> toks;
+        for (auto x : pids) toks.push_back(int(int64_t(x)));
+        std::vector<int> out;
+        for (auto x : doc["output_ids"].get_array()) out.push_back(int(int64_t(x)));
+        auto logits = run(*f.be, {toks}, {blocks}, {0}, {int(toks.size())})[0];
+        size_t step = 0;
+        for (auto top5 : doc["top5"].get_array()) {
+            for (auto pair : top5.get_array()) {
+                int id = int(int64_t(pair.at(0)));
+                EXPECT_NEAR(logits[size_t(id)], double(pair.at(1)), tol) << model << " step " << step;
+                ++checked;
+            }
+            if (step + 1 >= out.size()) break;
+            toks.push_back(out[step++]);
+            logits = run(*f.be, {toks}, {blocks}, {int(toks.size()) - 1}, {int(toks.size())})[0];
+        }
+    }
+    EXPECT_GT(checked, 0u);
+}
+
+TEST(CpuBackend, TinytechLogitsMatchTransformers) {
+    check_golden("tinytech-25m", tmtest::shared_dir() + "/golden/tinytech/greedy-fp32.jsonl", 1e-3);
+}
+
+TEST(CpuBackend, RandomModelsLogitsMatchTransformers) {
+    for (const char* m : {"random-qwen2", "random-qwen3", "random-mistral"})
+        check_golden(m, tmtest::shared_dir() + "/golden/random/" + std::string(m) + ".jsonl", 1e-3);
 }
 
 TEST(CpuBackend, BatchInvariant) {
