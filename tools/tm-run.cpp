@@ -218,7 +218,7 @@ int run_jsonl(tmc::Engine& engine, const tmc::SamplingParams& defaults, bool str
                 st->text += o.text;
                 if (st->want_ids) st->ids.insert(st->ids.end(), o.token_ids.begin(), o.token_ids.end());
                 std::lock_guard<std::mutex> lk(out_mu);
-                if (stream && !o.finished && (!o.text.empty() || st->want_ids))
+                if (stream && (!o.text.empty() || (st->want_ids && !o.token_ids.empty())))
                     write_line(tmc::jsonl_delta(st->id_json, o.text, st->want_ids ? &o.token_ids : nullptr));
                 if (o.finished) {
                     if (o.finish_reason == tmc::FinishReason::Error) failed = true;

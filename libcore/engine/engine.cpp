@@ -64,6 +64,7 @@ struct Req {
     Clock::time_point t_submit, t_first;
     bool got_first = false;
     FinishReason done = FinishReason::None;  // set when a stop condition hit; finish() follows
+    int final_completion = -1;               // completion tokens, fixed when the sequence is handed back
     int out_count() const { return int(seq.tokens.size()) - prompt_len; }
 };
 
@@ -770,7 +771,7 @@ void Engine::Impl::emit(Req& r, bool final, FinishReason why, const std::string&
     o.finish_reason = final ? why : FinishReason::None;
     o.error = error;
     o.usage.prompt_tokens = r.prompt_len;
-    o.usage.completion_tokens = std::max(0, r.out_count());
+    o.usage.completion_tokens = r.final_completion >= 0 ? r.final_completion : std::max(0, r.out_count());
     o.usage.cached_tokens = r.cached;
     if (final) {
         o.prompt_logprobs = std::move(r.prompt_lp);
@@ -800,6 +801,7 @@ void Engine::Impl::finish(Req* r, FinishReason why, const std::string& error) {
             waiting.erase(it);
             break;
         }
+    r->final_completion = std::max(0, r->out_count());
     if (r->session) {
         Session& s = *r->session;
         s.seq = std::move(r->seq);
