@@ -34,13 +34,13 @@ CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-r
 LDFLAGS += -fsanitize=address,undefined
 endif
 
-NVCCFLAGS := -std=c++20 -O2 -g -gencode arch=compute_90a,code=sm_90a -Ilibcore/include -Ilibcore \
+NVCCFLAGS := -std=c++20 -O2 -g -gencode arch=compute_90a,code=sm_90a -Ilibcore/include -Ilibcore -I. \
 	-Xcompiler -Wall,-Wextra -MMD -MP
 ifeq ($(CUDA),1)
 # The CUDA runtime is linked statically; the driver (libcuda.so) is loaded at
 # run time by cudart, so binaries start on machines without it.
 LDLIBS += -L$(CUDA_HOME)/lib64 -l:libcudart_static.a -ldl -lrt
-CXXFLAGS += -DTM_WITH_CUDA=1 -I$(CUDA_HOME)/include
+CXXFLAGS += -DTM_WITH_CUDA=1 -I$(CUDA_HOME)/include -I.
 endif
 
 CORE_CPP := $(shell find libcore -name '*.cpp' | sort)
@@ -58,6 +58,8 @@ BENCHES := $(patsubst tests/bench/%_bench.cpp,$(BUILD)/bench/%_bench,$(wildcard 
 EXAMPLES := $(patsubst examples/%.cpp,$(BUILD)/bin/example-%,$(wildcard examples/*.cpp))
 UNIT_SRC := $(wildcard tests/unit/*.cpp)
 UNIT_BIN := $(BUILD)/tests/unit-tests
+GPU_TEST_SRC := $(wildcard tests/gpu/*.cpp)
+GPU_TEST_BIN := $(BUILD)/tests/gpu-tests
 
 .PHONY: all deps test test-unit test-bats demo clean format test-gpu
 all: $(LIBCORE) $(TOOLS) $(EXAMPLES) $(BENCHES)
@@ -94,6 +96,10 @@ $(UNIT_BIN): $(UNIT_SRC:%.cpp=$(BUILD)/obj/%.o) $(LIBCORE)
 	@mkdir -p $(@D)
 	$(CXX) $(LDFLAGS) $(filter %.o,$^) $(LIBCORE) $(LDLIBS) -lgtest -lgtest_main -o $@
 
+$(GPU_TEST_BIN): $(GPU_TEST_SRC:%.cpp=$(BUILD)/obj/%.o) $(LIBCORE)
+	@mkdir -p $(@D)
+	$(CXX) $(LDFLAGS) $(filter %.o,$^) $(LIBCORE) $(LDLIBS) -l:libgtest.a -l:libgtest_main.a -o $@
+
 deps:
 	@scripts/install-deps.sh
 
@@ -115,7 +121,7 @@ demo: deps
 	$(MAKE) -j$(JOBS) all
 	scripts/demo.sh "$(MODEL)" "$(abspath $(BUILD))"
 
-test-gpu: all
+test-gpu: all $(GPU_TEST_BIN)
 	scripts/test-gpu.sh "$(abspath $(BUILD))"
 
 format:

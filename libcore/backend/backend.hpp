@@ -61,6 +61,9 @@ public:
     virtual float* forward(const BatchPlan& plan) = 0;
     // log p(targets[i] | row logits_index[i]) from the last forward's logits.
     virtual void token_logprobs(const int* logit_index, const int* targets, int n, float* out) = 0;
+    // The KV pool size to use when the user sets none: `fraction` of the
+    // device memory still free (GPU), or a fixed budget (CPU).
+    virtual size_t default_kv_bytes(double fraction, int max_batch_tokens) const = 0;
 };
 
 struct CpuBackendOptions {
@@ -68,5 +71,12 @@ struct CpuBackendOptions {
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);
+
+struct CudaBackendOptions {
+    int device = 0;
+};
+
+// Throws tmc::Error when this build has no CUDA or the device/cuBLAS is unusable.
+std::unique_ptr<Backend> make_cuda_backend(const Workspace& ws, const CudaBackendOptions& opt);
 
 }  // namespace tmc

@@ -1,5 +1,7 @@
 // Device discovery for a build without CUDA (make CUDA=0).
+#include "backend/backend.hpp"
 #include "tm/device.hpp"
+#include "tm/error.hpp"
 
 namespace tmc {
 
@@ -9,5 +11,9 @@ int cuda_device_count(std::string* why) {
 }
 
 bool built_with_cuda() { return false; }
+
+std::unique_ptr<Backend> make_cuda_backend(const Workspace&, const CudaBackendOptions&) {
+    throw Error("this build has no CUDA backend (built with CUDA=0); use --device cpu");
+}
 
 }  // namespace tmc

@@ -195,12 +195,22 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     std::string device = opt.device.empty() ? "auto" : opt.device;
     if (device != "auto" && device != "cpu" && device != "cuda")
         throw Error("unknown device \"" + device + "\" (cpu, cuda or auto)");
-    if (device == "cuda") throw Error("this build has no CUDA backend yet; use --device cpu");
-    if (device == "auto" && cuda_device_count() > 0 && opt.log)
-        opt.log("a GPU is present but this build runs the CPU backend");
-    CpuBackendOptions co;
-    co.threads = opt.threads;
-    im->backend = make_cpu_backend(*im->ws, co);
+    std::string why;
+    const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
+    if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
+    if (gpu) {
+        try {
+            im->backend = make_cuda_backend(*im->ws, CudaBackendOptions{});
+        } catch (const Error& e) {
+            if (device == "cuda") throw;
+            if (opt.log) opt.log(std::string("CUDA backend unavailable (") + e.what() + "); using the CPU");
+        }
+    }
+    if (!im->backend) {
+        CpuBackendOptions co;
+        co.threads = opt.threads;
+        im->backend = make_cpu_backend(*im->ws, co);
+    }
 
     const EngineConfig& ec = im->ws->engine();
     int session_len = opt.session_len > 0 ? opt.session_len : ec.session_len > 0 ? ec.session_len
@@ -209,9 +219,12 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     const int block_size = opt.block_size > 0 ? opt.block_size : ec.cache_block_seq_len;
     if (block_size <= 0 || block_size > 4096) throw Error("block size must be in 1..4096");
     const size_t per_token = im->backend->kv_bytes_per_token();
+    const int batch_tokens = opt.max_batch_tokens > 0 ? opt.max_batch_tokens : 512;
     int64_t tokens = opt.cache_tokens;
     if (tokens <= 0) {
-        int64_t bytes = opt.cache_bytes > 0 ? opt.cache_bytes : (int64_t(1) << 30);
+        int64_t bytes = opt.cache_bytes > 0
+                            ? opt.cache_bytes
+                            : int64_t(im->backend->default_kv_bytes(ec.cache_max_entry_count, batch_tokens));
         tokens = bytes / int64_t(per_token);
         if (opt.cache_bytes <= 0) tokens = std::max<int64_t>(tokens, session_len);  // the default fits one full sequence
     }
@@ -219,7 +232,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     if (num_blocks < 1) throw Error("KV cache too small: " + std::to_string(tokens) + " tokens is less than one block of " +
                                     std::to_string(block_size));
     im->max_ctx = int(std::min<int64_t>(session_len, int64_t(num_blocks) * block_size));
-    im->max_batch_tokens = opt.max_batch_tokens > 0 ? opt.max_batch_tokens : 512;
+    im->max_batch_tokens = batch_tokens;
     im->max_batch_size = opt.max_batch_size > 0 ? opt.max_batch_size : 256;
     im->max_batch_size = std::min(im->max_batch_size, im->max_batch_tokens);
     BackendLimits lim;

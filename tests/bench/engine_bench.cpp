@@ -110,12 +110,12 @@ void line(const char* name, double value, const char* unit, const std::string& e
 
 int main(int argc, char** argv) {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: engine_bench WS [threads]\n");
+        std::fprintf(stderr, "usage: engine_bench WS [threads] [cpu|cuda]\n");
         return 2;
     }
     const int threads = argc > 2 ? std::atoi(argv[2]) : 0;
     tmc::EngineOptions eo;
-    eo.device = "cpu";
+    eo.device = argc > 3 ? argv[3] : "cpu";
     eo.threads = threads;
     auto e = tmc::Engine::open(argv[1], eo);
     const int nthreads = threads > 0 ? threads : int(std::thread::hardware_concurrency());
@@ -132,6 +132,12 @@ int main(int argc, char** argv) {
     const double bound = bw / weight_bytes;
 
     // The naive reference: one thread, one token at a time.
+    if (eo.device != "cpu") {  // GPU: the engine's figures only (bench-gpu.sh has the baselines)
+        line("decode_b1", median3([&] { return decode_rate(*e, 1, 128, 256); }), "tok/s", "");
+        line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
+        line("prompt_512", median3([&] { return prompt_rate(*e, 512); }), "tok/s", "");
+        return 0;
+    }
     tmc::ReferenceModel ref(ws);
     auto cache = ref.new_cache();
     ref.forward(prompt_of(16, 0), cache);

@@ -37,6 +37,7 @@ public:
     void init(const BackendLimits& limits) override;
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
+    size_t default_kv_bytes(double, int) const override { return size_t(1) << 30; }
 
 private:
     struct Layer {

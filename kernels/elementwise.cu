@@ -1,0 +1,58 @@
+// Embedding lookup, RMSNorm and SiLU-and-multiply. Each is one pass over
+// its rows, memory-bound: embedding reads 2 bytes and writes 4 per element,
+// RMSNorm reads 4 and writes 2 (plus the weight, cached), SiLU-mul reads 4
+// and writes 2. One block per row.
+#include "kernels/common.cuh"
+#include "kernels/kernels.cuh"
+
+namespace tmc::cuda {
+
+namespace {
+
+template <class T>
+__global__ void embedding_k(const T* emb, const int* tokens, int H, float* x) {
+    const int t = blockIdx.x;
+    const T* row = emb + size_t(tokens[t]) * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) x[size_t(t) * H + i] = to_f(row[i]);
+}
+
+template <class T>
+__global__ void rmsnorm_k(const float* x, const int* rows, int H, const T* w, float eps, T* out) {
+    const int r = blockIdx.x;
+    const float* xr = x + size_t(rows ? rows[r] : r) * H;
+    float ss = 0;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    const float scale = rsqrtf(ss / float(H) + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) out[size_t(r) * H + i] = from_f<T>(xr[i] * scale * to_f(w[i]));
+}
+
+template <class T>
+__global__ void silu_mul_k(const T* gu, int I, T* out) {
+    const int t = blockIdx.x;
+    const T* g = gu + size_t(t) * 2 * I;
+    for (int i = threadIdx.x; i < I; i += blockDim.x) {
+        float a = to_f(g[i]);
+        out[size_t(t) * I + i] = from_f<T>(a / (1.0f + __expf(-a)) * to_f(g[I + i]));
+    }
+}
+
+}  // namespace
+
+void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s) {
+    if (T == 0) return;
+    TM_DISPATCH_DT(dt, W, embedding_k<W><<<T, 256, 0, s>>>(static_cast<const W*>(emb), tokens, H, x));
+}
+
+void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
+             cudaStream_t s) {
+    if (R == 0) return;
+    TM_DISPATCH_DT(dt, W, rmsnorm_k<W><<<R, 256, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps, static_cast<W*>(out)));
+}
+
+void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s) {
+    if (T == 0) return;
+    TM_DISPATCH_DT(dt, W, silu_mul_k<W><<<T, 512, 0, s>>>(static_cast<const W*>(gu), I, static_cast<W*>(out)));
+}
+
+}  // namespace tmc::cuda

@@ -1,0 +1,83 @@
+// Launchers of tm's CUDA kernels (kernels/*.cu). Activations and the KV
+// cache are 16-bit (the model's dtype: bf16 or fp16), the residual stream,
+// q and logits fp32; every kernel accumulates in fp32. All launches go on the
+// given stream; none synchronizes.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define TM_HD __host__ __device__
+#else
+#define TM_HD
+#endif
+
+namespace tmc::cuda {
+
+enum class Dt : int { BF16 = 0, F16 = 1 };
+
+// x[t, :] = emb[tokens[t], :] (as fp32).
+void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s);
+
+// out[r, :] = x[rows ? rows[r] : r, :] / rms * w, for r < R (out 16-bit).
+void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
+             cudaStream_t s);
+
+// out[t, i] = silu(gu[t, i]) * gu[t, I + i] (16-bit in and out).
+void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s);
+
+// The paged KV cache: block b holds, for each layer, K then V, each
+// [kv_heads][block_size][head_dim] (16-bit).
+struct KvLayout {
+    void* base = nullptr;
+    int layers = 0, kv_heads = 0, head_dim = 0, block_size = 0;
+    TM_HD size_t block_elems() const { return size_t(layers) * 2 * kv_heads * block_size * head_dim; }
+    TM_HD size_t offset(int block, int layer, int kv, int head, int slot) const {
+        return size_t(block) * block_elems() +
+               ((size_t(layer) * 2 + kv) * kv_heads + head) * size_t(block_size) * head_dim + size_t(slot) * head_dim;
+    }
+};
+
+// Per-step batch description on the device.
+struct BatchDev {
+    const int* positions;     // [T]
+    const int* row_seq;       // [T] sequence of each row
+    const int* block_offset;  // [S] first entry of each sequence's block table in `blocks`
+    const int* blocks;        // concatenated block tables
+};
+
+// For each row of qkv (fp32, [T, (nq + 2 nkv) * hd], leading dimension ld):
+// adds the bias, applies q/k RMSNorm (Qwen3), rotates q and k (RoPE, rotate
+// half, inv_freq [hd/2]), writes K and V into the cache at the row's
+// position; q is left rotated in place.
+struct QkvArgs {
+    float* qkv;
+    int ld;
+    int T, nq, nkv, hd;
+    const void* bias;    // [(nq + 2 nkv) * hd] or null
+    const void* q_norm;  // [hd] or null
+    const void* k_norm;
+    float eps;
+    const float* inv_freq;
+    int layer;
+};
+void qkv_rope_cache(Dt dt, const QkvArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s);
+
+// Attention of each row's q heads over its sequence's cached positions
+// [max(0, pos + 1 - window), pos] (window 0: all). q: fp32 rows of ld floats
+// (heads first); out: 16-bit [T, nq * hd].
+struct AttnArgs {
+    const float* q;
+    int ld;
+    int T, nq, nkv, hd;
+    int window;
+    float scale;
+    int layer;
+    void* out;
+};
+void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s);
+
+}  // namespace tmc::cuda

@@ -1,0 +1,293 @@
+// The CUDA backend: the same forward recipe as the CPU backend, weights in
+// device memory (16-bit, as the workspace holds them), linear layers through
+// cuBLAS (fp32 accumulation; the residual add fused as beta = 1), our own
+// kernels for the rest (kernels/). Activations and the KV cache are 16-bit,
+// the residual stream and logits fp32.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "backend/cpu/kernels.hpp"
+#include "backend/cuda/cublas_dyn.hpp"
+#include "kernels/kernels.cuh"
+#include "model/rope.hpp"
+#include "model/weight_names.hpp"
+#include "tm/error.hpp"
+#include "tm/workspace.hpp"
+
+namespace tmc {
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) throw Error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
+}
+void check(cublasStatus_t s, const char* what) {
+    if (s != CUBLAS_STATUS_SUCCESS) throw Error(std::string("cuBLAS: ") + what + ": status " + std::to_string(int(s)));
+}
+
+struct DevWeight {
+    void* ptr = nullptr;
+    int rows = 0, cols = 0;
+};
+
+template <class T>
+struct DevBuf {
+    T* p = nullptr;
+    size_t n = 0;
+    void alloc(size_t count) {
+        if (p) cudaFree(p);
+        n = count;
+        check(cudaMalloc(&p, std::max<size_t>(1, count) * sizeof(T)), "cudaMalloc");
+    }
+    ~DevBuf() {
+        if (p) cudaFree(p);
+    }
+};
+
+class CudaBackend final : public Backend {
+public:
+    CudaBackend(const Workspace& ws, const CudaBackendOptions& opt);
+    ~CudaBackend() override;
+    std::string name() const override { return "cuda (" + device_name_ + ")"; }
+    const ModelConfig& config() const override { return cfg_; }
+    size_t kv_bytes_per_token() const override { return size_t(cfg_.num_layers) * 2 * size_t(cfg_.kv_size()) * 2; }
+    size_t default_kv_bytes(double fraction, int max_batch_tokens) const override;
+    void init(const BackendLimits& limits) override;
+    float* forward(const BatchPlan& plan) override;
+    void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
+
+private:
+    struct Layer {
+        DevWeight attn_norm, wqkv, bqkv, q_norm, k_norm, wo, ffn_norm, w13, w2;
+    };
+    DevWeight upload(const Workspace& ws, const std::string& name, int rows, int cols);
+    void gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta);
+    size_t step_bytes(int max_tokens) const;
+    void launched(const char* what) { check(cudaGetLastError(), what); }
+
+    ModelConfig cfg_;
+    cuda::Dt dt_;
+    cudaDataType cdt_;
+    std::string device_name_;
+    cudaStream_t stream_ = nullptr;
+    cublasHandle_t blas_ = nullptr;
+    void* arena_ = nullptr;
+    size_t arena_used_ = 0, arena_size_ = 0;
+    DevWeight emb_, final_norm_, output_;
+    std::vector<Layer> layers_;
+    DevBuf<float> inv_freq_;
+
+    BackendLimits lim_;
+    DevBuf<uint16_t> kv_;
+    cuda::KvLayout kvl_;
+    DevBuf<float> x_, qkv_, logits_;
+    DevBuf<uint16_t> h_, attn_, gu_, act_, hn_;
+    DevBuf<int> meta_;
+    DevBuf<char> blas_ws_;
+    int* h_meta_ = nullptr;  // pinned
+    size_t meta_cap_ = 0;
+    float* h_logits_ = nullptr;  // pinned
+};
+
+DevWeight CudaBackend::upload(const Workspace& ws, const std::string& name, int rows, int cols) {
+    WeightView v = ws.tensor(0, name);
+    if (v.numel() != int64_t(rows) * cols || v.dtype != cfg_.weight_dtype)
+        throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
+    const size_t aligned = (v.bytes + 255) / 256 * 256;
+    if (arena_used_ + aligned > arena_size_) throw Error("cuda backend: weight arena overflow");
+    void* dst = static_cast<char*>(arena_) + arena_used_;
+    arena_used_ += aligned;
+    check(cudaMemcpy(dst, v.data, v.bytes, cudaMemcpyHostToDevice), "weight upload");
+    return DevWeight{dst, rows, cols};
+}
+
+CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : cfg_(ws.model()) {
+    if (ws.tp() != 1)
+        throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) +
+                    "; this build runs tp=1 workspaces (convert again without --tp)");
+    if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
+        throw Error(ws.dir() + ": the CUDA backend reads bf16 or fp16 weights");
+    const int group = cfg_.num_heads / cfg_.num_kv_heads;
+    if (group > 8 || cfg_.head_dim > 256 || cfg_.head_dim % 2)
+        throw Error(ws.dir() + ": the CUDA attention kernel takes up to 8 query heads per KV head and head_dim <= 256");
+    dt_ = cfg_.weight_dtype == DType::BF16 ? cuda::Dt::BF16 : cuda::Dt::F16;
+    cdt_ = cfg_.weight_dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    check(cudaSetDevice(opt.device), "cudaSetDevice");
+    cudaDeviceProp prop;
+    check(cudaGetDeviceProperties(&prop, opt.device), "cudaGetDeviceProperties");
+    device_name_ = prop.name;
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    const auto& cb = cuda::cublas();
+    check(cb.create(&blas_), "cublasCreate");
+    check(cb.set_stream(blas_, stream_), "cublasSetStream");
+    blas_ws_.alloc(size_t(32) << 20);
+    check(cb.set_workspace(blas_, blas_ws_.p, blas_ws_.n), "cublasSetWorkspace");
+
+    size_t total = 0;
+    for (auto& f : ws.manifest().files)
+        if (f.is_tensor) total += (f.bytes + 255) / 256 * 256;
+    check(cudaMalloc(&arena_, total), "cudaMalloc (weights)");
+    arena_size_ = total;
+    const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
+    const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
+    emb_ = upload(ws, wname::kEmbedding, V, H);
+    final_norm_ = upload(ws, wname::kFinalNorm, 1, H);
+    output_ = cfg_.tie_word_embeddings ? emb_ : upload(ws, wname::kOutput, V, H);
+    for (int l = 0; l < cfg_.num_layers; ++l) {
+        Layer L;
+        L.attn_norm = upload(ws, wname::layer(l, wname::kAttnNorm), 1, H);
+        L.wqkv = upload(ws, wname::layer(l, wname::kWqkv), qkv, H);
+        if (cfg_.attn_bias) L.bqkv = upload(ws, wname::layer(l, wname::kBqkv), 1, qkv);
+        if (cfg_.qk_norm) {
+            L.q_norm = upload(ws, wname::layer(l, wname::kQNorm), 1, hd);
+            L.k_norm = upload(ws, wname::layer(l, wname::kKNorm), 1, hd);
+        }
+        L.wo = upload(ws, wname::layer(l, wname::kWo), H, cfg_.q_size());
+        L.ffn_norm = upload(ws, wname::layer(l, wname::kFfnNorm), 1, H);
+        L.w13 = upload(ws, wname::layer(l, wname::kW13), 2 * I, H);
+        L.w2 = upload(ws, wname::layer(l, wname::kW2), H, I);
+        layers_.push_back(L);
+    }
+    auto inv = rope_inv_freq(cfg_);
+    inv_freq_.alloc(inv.size());
+    check(cudaMemcpy(inv_freq_.p, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice), "upload inv_freq");
+}
+
+CudaBackend::~CudaBackend() {
+    if (stream_) cudaStreamSynchronize(stream_);
+    if (blas_) cuda::cublas().destroy(blas_);
+    if (arena_) cudaFree(arena_);
+    if (h_meta_) cudaFreeHost(h_meta_);
+    if (h_logits_) cudaFreeHost(h_logits_);
+    if (stream_) cudaStreamDestroy(stream_);
+}
+
+size_t CudaBackend::step_bytes(int T) const {
+    const size_t H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size), V = size_t(cfg_.vocab_size);
+    const size_t qkv = size_t(cfg_.q_size() + 2 * cfg_.kv_size());
+    return size_t(T) * (H * 4 + H * 2 + qkv * 4 + size_t(cfg_.q_size()) * 2 + 3 * I * 2 + H * 2 + V * 4);
+}
+
+size_t CudaBackend::default_kv_bytes(double fraction, int max_batch_tokens) const {
+    size_t free_b = 0, total_b = 0;
+    check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    const size_t reserve = step_bytes(max_batch_tokens) + (size_t(512) << 20);  // buffers, cuBLAS, graphs
+    return free_b > reserve ? size_t(double(free_b - reserve) * fraction) : 0;
+}
+
+void CudaBackend::init(const BackendLimits& limits) {
+    lim_ = limits;
+    kvl_.layers = cfg_.num_layers;
+    kvl_.kv_heads = cfg_.num_kv_heads;
+    kvl_.head_dim = cfg_.head_dim;
+    kvl_.block_size = lim_.block_size;
+    kv_.alloc(size_t(lim_.num_blocks) * kvl_.block_elems());
+    kvl_.base = kv_.p;
+    const size_t T = size_t(lim_.max_batch_tokens), H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size);
+    x_.alloc(T * H);
+    h_.alloc(T * H);
+    qkv_.alloc(T * size_t(cfg_.q_size() + 2 * cfg_.kv_size()));
+    attn_.alloc(T * size_t(cfg_.q_size()));
+    gu_.alloc(T * 2 * I);
+    act_.alloc(T * I);
+    hn_.alloc(size_t(lim_.max_logit_rows) * H);
+    logits_.alloc(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
+    check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size) * 4), "cudaMallocHost");
+    // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
+    meta_cap_ = 4 * T + size_t(lim_.max_logit_rows) + T * size_t(lim_.max_context / lim_.block_size + 2);
+    meta_.alloc(meta_cap_);
+    check(cudaMallocHost(&h_meta_, meta_cap_ * 4), "cudaMallocHost");
+}
+
+void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta) {
+    const float alpha = 1.0f;
+    // Row-major Y[T, N] = X[T, K] W[N, K]^T is column-major Y^T = W X^T.
+    check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, T, w.cols, &alpha, w.ptr, cdt_, w.cols, x,
+                                 cdt_, w.cols, &beta, y, ytype, ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "gemm");
+}
+
+float* CudaBackend::forward(const BatchPlan& plan) {
+    const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
+    if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
+        throw Error("cuda backend: batch plan outside the limits it was initialized with");
+    // Step metadata in one copy.
+    size_t n_blocks = 0;
+    for (auto& s : plan.seqs) n_blocks += size_t(s.n_blocks);
+    const size_t need = 3 * size_t(T) + size_t(L) + size_t(S) + n_blocks;
+    if (need > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
+    int* m = h_meta_;
+    std::memcpy(m, plan.tokens.data(), size_t(T) * 4);
+    std::memcpy(m + T, plan.positions.data(), size_t(T) * 4);
+    int* row_seq = m + 2 * T;
+    int* lrows = m + 3 * T;
+    int* boff = lrows + L;
+    int* blocks = boff + S;
+    std::memcpy(lrows, plan.logit_rows.data(), size_t(L) * 4);
+    size_t bo = 0;
+    for (int s = 0; s < S; ++s) {
+        const auto& q = plan.seqs[size_t(s)];
+        for (int r = 0; r < q.n_rows; ++r) row_seq[q.row_begin + r] = s;
+        boff[s] = int(bo);
+        std::memcpy(blocks + bo, q.blocks, size_t(q.n_blocks) * 4);
+        bo += size_t(q.n_blocks);
+    }
+    check(cudaMemcpyAsync(meta_.p, h_meta_, need * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
+    const int* d_tokens = meta_.p;
+    cuda::BatchDev bd{meta_.p + T, meta_.p + 2 * T, meta_.p + 3 * T + L, meta_.p + 3 * T + L + S};
+    const int* d_lrows = meta_.p + 3 * T;
+
+    const int H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
+    const int nq = cfg_.num_heads, nkv = cfg_.num_kv_heads, qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
+    const float eps = float(cfg_.rms_norm_eps);
+    cuda::embedding(dt_, emb_.ptr, d_tokens, T, H, x_.p, stream_);
+    launched("embedding");
+    for (int l = 0; l < cfg_.num_layers; ++l) {
+        const Layer& Ly = layers_[size_t(l)];
+        cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.attn_norm.ptr, eps, h_.p, stream_);
+        launched("rmsnorm");
+        gemm(Ly.wqkv, h_.p, T, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f);
+        cuda::QkvArgs qa{qkv_.p, qkv_ld, T, nq, nkv, hd, Ly.bqkv.ptr, Ly.q_norm.ptr, Ly.k_norm.ptr, eps, inv_freq_.p, l};
+        cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
+        launched("qkv_rope_cache");
+        cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p};
+        cuda::paged_attention(dt_, aa, bd, kvl_, stream_);
+        launched("paged_attention");
+        gemm(Ly.wo, attn_.p, T, x_.p, CUDA_R_32F, H, 1.0f);
+        cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
+        launched("rmsnorm");
+        gemm(Ly.w13, h_.p, T, gu_.p, cdt_, 2 * I, 0.0f);
+        cuda::silu_mul(dt_, gu_.p, T, I, act_.p, stream_);
+        launched("silu_mul");
+        gemm(Ly.w2, act_.p, T, x_.p, CUDA_R_32F, H, 1.0f);
+    }
+    if (L > 0) {
+        cuda::rmsnorm(dt_, x_.p, d_lrows, L, H, final_norm_.ptr, eps, hn_.p, stream_);
+        launched("rmsnorm");
+        gemm(output_, hn_.p, L, logits_.p, CUDA_R_32F, cfg_.vocab_size, 0.0f);
+        check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(cfg_.vocab_size) * 4, cudaMemcpyDeviceToHost, stream_),
+              "logits download");
+    }
+    check(cudaStreamSynchronize(stream_), "forward");
+    return h_logits_;
+}
+
+void CudaBackend::token_logprobs(const int* logit_index, const int* targets, int n, float* out) {
+    const size_t V = size_t(cfg_.vocab_size);
+    const auto& k = cpu::cpu_kernels();
+    for (int i = 0; i < n; ++i) {
+        const float* lg = h_logits_ + size_t(logit_index[i]) * V;
+        out[i] = lg[targets[i]] - k.logsumexp(lg, int(V));
+    }
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const Workspace& ws, const CudaBackendOptions& opt) {
+    return std::make_unique<CudaBackend>(ws, opt);
+}
+
+}  // namespace tmc

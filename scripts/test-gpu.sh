@@ -1,0 +1,59 @@
+#!/bin/sh
+# GPU checks, run on the GPU machine (make test-gpu, or by hand with the
+# binaries built elsewhere):
+#   1. tests/gpu (build/tests/gpu-tests): each kernel and the whole CUDA
+#      forward pass against the CPU reference on fresh random inputs;
+#   2. the kernel tests again under compute-sanitizer memcheck;
+#   3. tinytech end to end on the GPU: perplexity of eval.txt within 0.5% of
+#      the reference bf16 figure 28.4168, and greedy outputs equal to the
+#      reference for at least 10 of the 12 golden prompts over 16 tokens.
+# Usage: scripts/test-gpu.sh [BUILD_DIR] [SHARED_DIR]   (results also under $OUT when set)
+set -eu
+BUILD=${1:-build}
+SHARED=${2:-${TM_SHARED:-../shared}}
+BIN="$BUILD/bin"
+GPU_TESTS=${GPU_TESTS:-$BUILD/tests/gpu-tests}
+OUTDIR=${OUT:-$(mktemp -d)}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fail=0
+
+echo "== gpu-tests"
+TM_SHARED="$SHARED" "$GPU_TESTS" --gtest_output=json:"$OUTDIR/gpu-tests.json" || fail=1
+
+SAN=${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}
+if [ -x "$SAN" ]; then
+    echo "== compute-sanitizer memcheck (kernel tests)"
+    TM_SHARED="$SHARED" "$SAN" --tool memcheck --error-exitcode 9 "$GPU_TESTS" --gtest_filter='Kernels.*' \
+        > "$OUTDIR/memcheck.log" 2>&1 && echo "memcheck: clean" || { echo "memcheck: errors (see memcheck.log)"; tail -30 "$OUTDIR/memcheck.log"; fail=1; }
+fi
+
+echo "== tinytech end to end on the GPU"
+"$BIN/tm-convert" "$SHARED/models/tinytech-25m" -o "$TMP/ws" > /dev/null
+"$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" | tee "$OUTDIR/ppl-cuda.json"
+python3 - "$OUTDIR/ppl-cuda.json" <<'EOF' || fail=1
+import json, sys
+p = json.load(open(sys.argv[1]))["perplexity"]
+ok = abs(p - 28.4168) / 28.4168 <= 0.005
+print(f"perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
+sys.exit(0 if ok else 1)
+EOF
+python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" > "$TMP/in.jsonl" <<'EOF'
+import json, sys
+for i, l in enumerate(open(sys.argv[1])):
+    g = json.loads(l)
+    if "prompt" in g:
+        print(json.dumps({"id": i, "prompt": g["prompt"], "temperature": 0, "max_tokens": 16, "return_token_ids": True}))
+EOF
+"$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/in.jsonl" > "$OUTDIR/greedy-cuda.jsonl"
+python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" "$OUTDIR/greedy-cuda.jsonl" <<'EOF' || fail=1
+import json, sys
+gold = [json.loads(l) for l in open(sys.argv[1])]
+out = {o["id"]: o for o in map(json.loads, open(sys.argv[2]))}
+same = sum(out[i]["token_ids"][:16] == g["output_ids"][:16] for i, g in enumerate(gold) if "prompt" in g)
+n = sum("prompt" in g for g in gold)
+print(f"greedy: {same}/{n} prompts equal the reference over 16 tokens: {'ok' if same >= 10 else 'FAIL'}")
+sys.exit(0 if same >= 10 else 1)
+EOF
+[ "$fail" -eq 0 ] && echo "test-gpu: all passed" || echo "test-gpu: FAILED"
+exit "$fail"

@@ -1,0 +1,298 @@
+// The CUDA backend and its kernels against the CPU reference, on the GPU
+// machine (make test-gpu). Fresh random inputs each run; outputs poisoned
+// before each launch; CUDA errors checked after every launch.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "backend/backend.hpp"
+#include "backend/cpu/kernels.hpp"
+#include "kernels/kernels.cuh"
+#include "tm/dtype.hpp"
+#include "tm/workspace.hpp"
+
+namespace {
+
+std::string shared_dir() {
+    const char* s = std::getenv("TM_SHARED");
+    return s ? s : "../shared";
+}
+
+#define CK(x) ASSERT_EQ(cudaSuccess, (x)) << #x
+
+std::mt19937& rng() {
+    static std::mt19937 r(std::random_device{}());
+    return r;
+}
+
+std::vector<float> randn(size_t n, float scale = 1.0f) {
+    std::normal_distribution<float> d(0, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng());
+    return v;
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
+    std::vector<uint16_t> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = tmc::f32_to_bf16(v[i]);
+    return o;
+}
+
+template <class T>
+T* dev(const std::vector<T>& h) {
+    T* p = nullptr;
+    EXPECT_EQ(cudaSuccess, cudaMalloc(&p, std::max<size_t>(1, h.size()) * sizeof(T)));
+    EXPECT_EQ(cudaSuccess, cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return p;
+}
+
+template <class T>
+std::vector<T> host(const T* p, size_t n) {
+    std::vector<T> h(n);
+    EXPECT_EQ(cudaSuccess, cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// Poisoned output buffer: NaN bit patterns everywhere.
+template <class T>
+T* poisoned(size_t n) {
+    T* p = nullptr;
+    EXPECT_EQ(cudaSuccess, cudaMalloc(&p, n * sizeof(T)));
+    EXPECT_EQ(cudaSuccess, cudaMemset(p, 0xff, n * sizeof(T)));
+    return p;
+}
+
+TEST(Kernels, RmsnormMatchesCpu) {
+    for (int H : {64, 384, 4096, 5000}) {
+        const int R = 7;
+        auto x = randn(size_t(R) * H), w = randn(size_t(H));
+        auto wb = to_bf16(w);
+        float* dx = dev(x);
+        uint16_t* dw = dev(wb);
+        uint16_t* out = poisoned<uint16_t>(size_t(R) * H);
+        std::vector<int> rows = {6, 0, 3};
+        int* drows = dev(rows);
+        tmc::cuda::rmsnorm(tmc::cuda::Dt::BF16, dx, drows, 3, H, dw, 1e-5f, out, 0);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        auto got = host(out, size_t(3) * H);
+        std::vector<float> want(static_cast<size_t>(H));
+        for (int r = 0; r < 3; ++r) {
+            tmc::cpu::cpu_kernels().rmsnorm(x.data() + size_t(rows[size_t(r)]) * H, wb.data(), 0, H, 1e-5f, want.data());
+            for (int i = 0; i < H; ++i)
+                ASSERT_NEAR(tmc::bf16_to_f32(got[size_t(r) * H + i]), want[size_t(i)], 1e-2 * std::abs(want[size_t(i)]) + 1e-3)
+                    << "H " << H << " row " << r << " i " << i;
+        }
+        cudaFree(dx), cudaFree(dw), cudaFree(out), cudaFree(drows);
+    }
+}
+
+TEST(Kernels, SiluMulMatchesCpu) {
+    const int T = 5, I = 1000;
+    auto gu = randn(size_t(T) * 2 * I, 3.0f);
+    auto gub = to_bf16(gu);
+    for (size_t i = 0; i < gu.size(); ++i) gu[i] = tmc::bf16_to_f32(gub[i]);
+    uint16_t* d = dev(gub);
+    uint16_t* out = poisoned<uint16_t>(size_t(T) * I);
+    tmc::cuda::silu_mul(tmc::cuda::Dt::BF16, d, T, I, out, 0);
+    CK(cudaGetLastError());
+    auto got = host(out, size_t(T) * I);
+    std::vector<float> want(static_cast<size_t>(I));
+    for (int t = 0; t < T; ++t) {
+        tmc::cpu::cpu_kernels().silu_mul(gu.data() + size_t(t) * 2 * I, gu.data() + size_t(t) * 2 * I + I, want.data(), I);
+        for (int i = 0; i < I; ++i)
+            ASSERT_NEAR(tmc::bf16_to_f32(got[size_t(t) * I + i]), want[size_t(i)], 1e-2 * std::abs(want[size_t(i)]) + 1e-3);
+    }
+    cudaFree(d), cudaFree(out);
+}
+
+// Rope + cache write + attention against a direct fp32 computation over
+// the same (bf16-rounded) K/V, ragged rows over several sequences.
+TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
+    struct Shape { int nq, nkv, hd, bs, window; };
+    for (Shape sh : {Shape{6, 2, 64, 16, 0}, Shape{32, 8, 128, 64, 0}, Shape{4, 4, 16, 4, 0}, Shape{28, 4, 128, 32, 37}}) {
+        const int layers = 2, layer = 1;
+        // Three sequences: lengths after this step, rows this step.
+        std::vector<int> ctx = {1, 77, 130}, rows = {1, 5, 130};
+        const int S = 3;
+        int T = 0;
+        for (int r : rows) T += r;
+        const int qkv_ld = (sh.nq + 2 * sh.nkv) * sh.hd;
+        std::vector<int> positions, row_seq, block_offset, blocks;
+        int next_block = 0;
+        for (int s = 0; s < S; ++s) {
+            block_offset.push_back(int(blocks.size()));
+            const int nb = (ctx[size_t(s)] + sh.bs - 1) / sh.bs;
+            for (int b = 0; b < nb; ++b) blocks.push_back((next_block++ * 7) % 97);  // scattered blocks
+            for (int p = ctx[size_t(s)] - rows[size_t(s)]; p < ctx[size_t(s)]; ++p) {
+                positions.push_back(p);
+                row_seq.push_back(s);
+            }
+        }
+        // Earlier positions of each sequence (not in this step) need K/V too: run
+        // the whole sequence through the rope kernel first, then attend with the step rows.
+        std::vector<int> all_pos, all_seq;
+        for (int s = 0; s < S; ++s)
+            for (int p = 0; p < ctx[size_t(s)]; ++p) all_pos.push_back(p), all_seq.push_back(s);
+        const int TA = int(all_pos.size());
+        auto qkv_all = randn(size_t(TA) * qkv_ld);
+        std::vector<float> inv(static_cast<size_t>(sh.hd / 2));
+        for (int i = 0; i < sh.hd / 2; ++i) inv[size_t(i)] = float(1.0 / std::pow(10000.0, 2.0 * i / sh.hd));
+        tmc::cuda::KvLayout kv;
+        kv.layers = layers, kv.kv_heads = sh.nkv, kv.head_dim = sh.hd, kv.block_size = sh.bs;
+        uint16_t* cache = poisoned<uint16_t>(size_t(97) * kv.block_elems());
+        kv.base = cache;
+        float* dqkv = dev(qkv_all);
+        float* dinv = dev(inv);
+        int *dpos = dev(all_pos), *dseq = dev(all_seq), *doff = dev(block_offset), *dblk = dev(blocks);
+        tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};
+        tmc::cuda::QkvArgs qa{dqkv, qkv_ld, TA, sh.nq, sh.nkv, sh.hd, nullptr, nullptr, nullptr, 1e-6f, dinv, layer};
+        tmc::cuda::qkv_rope_cache(tmc::cuda::Dt::BF16, qa, bd, kv, 0);
+        CK(cudaGetLastError());
+        auto q_rot = host(dqkv, size_t(TA) * qkv_ld);
+        // CPU: rotate, round K/V to bf16.
+        const int half = sh.hd / 2;
+        std::vector<float> ref = qkv_all;
+        for (int t = 0; t < TA; ++t)
+            for (int h = 0; h < sh.nq + sh.nkv; ++h) {
+                float* x = ref.data() + size_t(t) * qkv_ld + size_t(h) * sh.hd;
+                for (int i = 0; i < half; ++i) {
+                    float a = float(all_pos[size_t(t)]) * inv[size_t(i)], c = std::cos(a), s = std::sin(a);
+                    float x0 = x[i], x1 = x[i + half];
+                    x[i] = x0 * c - x1 * s;
+                    x[i + half] = x1 * c + x0 * s;
+                }
+            }
+        for (int t = 0; t < TA; ++t)
+            for (int i = 0; i < sh.nq * sh.hd; ++i)
+                ASSERT_NEAR(q_rot[size_t(t) * qkv_ld + i], ref[size_t(t) * qkv_ld + i], 1e-4 + 1e-4 * std::abs(ref[size_t(t) * qkv_ld + i]));
+        // Attention for the step rows (a subset of all rows: the last rows[s] of each sequence).
+        std::vector<float> q_step;
+        std::vector<int> step_index;
+        {
+            int base = 0;
+            for (int s = 0; s < S; ++s) {
+                for (int p = ctx[size_t(s)] - rows[size_t(s)]; p < ctx[size_t(s)]; ++p) step_index.push_back(base + p);
+                base += ctx[size_t(s)];
+            }
+        }
+        for (int idx : step_index)
+            q_step.insert(q_step.end(), q_rot.begin() + long(size_t(idx) * qkv_ld), q_rot.begin() + long(size_t(idx + 1) * qkv_ld));
+        float* dq = dev(q_step);
+        int *spos = dev(positions), *sseq = dev(row_seq);
+        tmc::cuda::BatchDev sbd{spos, sseq, doff, dblk};
+        uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
+        const float scale = 1.0f / std::sqrt(float(sh.hd));
+        tmc::cuda::AttnArgs aa{dq, qkv_ld, T, sh.nq, sh.nkv, sh.hd, sh.window, scale, layer, out};
+        tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, 0);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        auto got = host(out, size_t(T) * sh.nq * sh.hd);
+        auto bf = [](float v) { return tmc::bf16_to_f32(tmc::f32_to_bf16(v)); };
+        const int group = sh.nq / sh.nkv;
+        for (int r = 0; r < T; ++r) {
+            const int s = row_seq[size_t(r)], pos = positions[size_t(r)];
+            int base = 0;
+            for (int k = 0; k < s; ++k) base += ctx[size_t(k)];
+            const int lo = sh.window > 0 ? std::max(0, pos + 1 - sh.window) : 0;
+            for (int h = 0; h < sh.nq; ++h) {
+                const int kh = h / group;
+                const float* q = q_step.data() + size_t(r) * qkv_ld + size_t(h) * sh.hd;
+                std::vector<double> sc;
+                double mx = -1e30;
+                for (int j = lo; j <= pos; ++j) {
+                    const float* k = ref.data() + size_t(base + j) * qkv_ld + size_t(sh.nq + kh) * sh.hd;
+                    double d = 0;
+                    for (int i = 0; i < sh.hd; ++i) d += double(q[i]) * bf(k[i]);
+                    sc.push_back(d * scale);
+                    mx = std::max(mx, sc.back());
+                }
+                double sum = 0;
+                for (auto& v : sc) sum += v = std::exp(v - mx);
+                for (int i = 0; i < sh.hd; ++i) {
+                    double o = 0;
+                    for (int j = lo; j <= pos; ++j)
+                        o += sc[size_t(j - lo)] * bf(ref[size_t(base + j) * qkv_ld + size_t(sh.nq + sh.nkv + kh) * sh.hd + i]);
+                    o /= sum;
+                    float g = tmc::bf16_to_f32(got[size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
+                    ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2) << "shape nq " << sh.nq << " hd " << sh.hd << " row " << r << " head " << h;
+                }
+            }
+        }
+        cudaFree(cache), cudaFree(dqkv), cudaFree(dinv), cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk);
+        cudaFree(dq), cudaFree(spos), cudaFree(sseq), cudaFree(out);
+    }
+}
+
+// The whole forward pass: CUDA against the CPU backend on every
+// architecture, a ragged batch with chunked prefill and decode rows.
+TEST(CudaBackend, MatchesCpuBackendOnEveryArchitecture) {
+    for (const char* m : {"tinytech-25m", "random-qwen2", "random-qwen3", "random-mistral"}) {
+        char tmpl[] = "/tmp/tm-gpu-XXXXXX";
+        std::string dir = mkdtemp(tmpl);
+        tmc::ConvertOptions co;
+        tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws", co);
+        tmc::Workspace ws(dir + "/ws");
+        auto cpu = tmc::make_cpu_backend(ws, {});
+        auto gpu = tmc::make_cuda_backend(ws, {});
+        tmc::BackendLimits lim;
+        lim.num_blocks = 64, lim.block_size = 16, lim.max_batch_tokens = 256, lim.max_logit_rows = 256, lim.max_context = 512;
+        cpu->init(lim);
+        gpu->init(lim);
+        const int V = ws.model().vocab_size;
+        std::uniform_int_distribution<int> tokd(3, V - 1);
+        // Three sequences of 37, 1 and 90 tokens, in two steps: the first 20/1/50,
+        // then the rest (with logits for every row of the second step).
+        std::vector<std::vector<int>> seqs = {std::vector<int>(37), std::vector<int>(1), std::vector<int>(90)};
+        for (auto& s : seqs)
+            for (auto& t : s) t = tokd(rng());
+        std::vector<std::vector<int>> tables = {{0, 1, 2}, {5}, {9, 8, 7, 6, 10, 11}};
+        std::vector<int> split = {20, 0, 50};
+        for (int step = 0; step < 2; ++step) {
+            tmc::BatchPlan p;
+            for (size_t s = 0; s < seqs.size(); ++s) {
+                int from = step == 0 ? 0 : split[s], to = step == 0 ? split[s] : int(seqs[s].size());
+                if (to == from) continue;
+                tmc::BatchPlan::Seq q;
+                q.row_begin = int(p.tokens.size());
+                q.n_rows = to - from;
+                q.ctx_len = to;
+                q.blocks = tables[s].data();
+                q.n_blocks = int(tables[s].size());
+                for (int i = from; i < to; ++i) {
+                    p.tokens.push_back(seqs[s][size_t(i)]);
+                    p.positions.push_back(i);
+                    if (step == 1) p.logit_rows.push_back(int(p.tokens.size()) - 1);
+                }
+                p.seqs.push_back(q);
+            }
+            // (The CPU runs the step first: both write the same K/V into their own caches.)
+            const float* c = cpu->forward(p);
+            std::vector<float> want(c, c + p.logit_rows.size() * size_t(V));
+            const float* g = gpu->forward(p);
+            size_t argmax_same = 0;
+            for (size_t r = 0; r < p.logit_rows.size(); ++r) {
+                const float* w = want.data() + r * size_t(V);
+                const float* x = g + r * size_t(V);
+                float scale = 0, err = 0;
+                for (int i = 0; i < V; ++i) {
+                    ASSERT_TRUE(std::isfinite(x[i])) << m;
+                    scale = std::max(scale, std::abs(w[i]));
+                    err = std::max(err, std::abs(w[i] - x[i]));
+                }
+                EXPECT_LT(err, 0.05f * scale + 0.05f) << m << " row " << r;
+                argmax_same += std::max_element(w, w + V) - w == std::max_element(x, x + V) - x;
+            }
+            if (step == 1) {
+                EXPECT_GE(double(argmax_same), 0.9 * double(p.logit_rows.size())) << m;
+            }
+        }
+        std::string cmd = "rm -rf " + dir;
+        (void)!system(cmd.c_str());
+    }
+}
+
+}  // namespace
