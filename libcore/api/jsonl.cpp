@@ -93,8 +93,19 @@ JsonlRequest parse_jsonl_request(std::string_view line, const Engine& engine, co
     if (has_prompt == has_messages) throw Error("give exactly one of \"prompt\" and \"messages\"");
     if (has_prompt) {
         std::string_view s;
-        if (pe.get(s)) bad("prompt", "a string");
-        req.prompt = engine.tokenizer().encode(s, true);
+        simdjson::dom::array ids;
+        if (!pe.get(s)) {
+            req.prompt = engine.tokenizer().encode(s, true);
+        } else if (!pe.get(ids)) {  // token ids, as OpenAI's completions API allows
+            for (element x : ids) {
+                int64_t v = integer(x, "prompt", "a string or an array of token ids");
+                if (v < 0 || v >= engine.model().vocab_size) bad("prompt", "an array of token ids in the vocabulary");
+                req.prompt.push_back(int(v));
+            }
+            if (req.prompt.empty()) throw Error("\"prompt\" is empty");
+        } else {
+            bad("prompt", "a string or an array of token ids");
+        }
     } else {
         simdjson::dom::array msgs;
         if (me.get(msgs)) bad("messages", "an array of messages");

@@ -30,6 +30,21 @@ setup() {
     assert_success
 }
 
+@test "a prompt of token ids gives the same answer as its text" {
+    printf '%s\n' '{"id": 1, "prompt": "The Linux kernel", "temperature": 0, "max_tokens": 8}' \
+        '{"id": 2, "prompt": [1, 415, 19486, 13653], "temperature": 0, "max_tokens": 8}' > "$T/in.jsonl"
+    tm-run "$WS" < "$T/in.jsonl" > "$T/out.jsonl"
+    run python3 -c '
+import json, sys
+o = {d["id"]: d for d in map(json.loads, open(sys.argv[1]))}
+assert o[1]["text"] == o[2]["text"] and o[1]["usage"] == o[2]["usage"], o
+' "$T/out.jsonl"
+    assert_success
+    run tm-run "$WS" <<< '{"prompt": [1, 99999999]}'
+    assert_failure 1
+    assert_output --partial 'must be an array of token ids in the vocabulary'
+}
+
 @test "--stream writes deltas that add up to the answer" {
     echo '{"id": "s", "prompt": "The Linux kernel", "temperature": 0, "max_tokens": 20, "return_token_ids": true}' |
         tm-run "$WS" --jsonl --stream > "$T/out.jsonl"
@@ -116,7 +131,7 @@ assert o[3]["text"] == o[4]["text"]
     assert_failure 1
     assert_line --partial '"id": 3, "error": {"message": "line 3: \"max_tokens\" must be a positive integer"'
     assert_line --partial '"error": {"message": "line 2: invalid JSON'
-    assert_line --partial '"id": 4, "error": {"message": "line 4: \"prompt\" must be a string"'
+    assert_line --partial '"id": 4, "error": {"message": "line 4: \"prompt\" must be a string or an array of token ids"'
     assert_line --partial '"id": 5, "error": {"message": "line 5: \"temperature\" must be a number'
     assert_line --partial '"id": 6, "error": {"message": "line 6: unknown field \"max_token\""'
     assert_line --partial '"id": 7, "error": {"message": "line 7: give exactly one of'

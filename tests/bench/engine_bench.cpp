@@ -11,6 +11,7 @@
 #include <mutex>
 #include <cstdio>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -106,22 +107,79 @@ void line(const char* name, double value, const char* unit, const std::string& e
     std::fflush(stdout);
 }
 
+// All requests of a ShareGPT-like file ({"input_len", "output_len"} lines) at
+// once, ignore_eos: output tokens/s and requests/s over the wall time.
+void offline(tmc::Engine& e, const std::string& path, int limit) {
+    std::vector<std::pair<int, int>> lens;
+    {
+        std::FILE* f = std::fopen(path.c_str(), "r");
+        if (!f) throw std::runtime_error("cannot open " + path);
+        char buf[512];
+        while (std::fgets(buf, sizeof buf, f) && int(lens.size()) < limit) {
+            int in = 0, out = 0;
+            const char* a = std::strstr(buf, "\"input_len\"");
+            const char* b = std::strstr(buf, "\"output_len\"");
+            if (!a || !b) continue;
+            in = std::atoi(std::strchr(a, ':') + 1);
+            out = std::atoi(std::strchr(b, ':') + 1);
+            if (in > 0 && out > 0) lens.emplace_back(in, out);
+        }
+        std::fclose(f);
+    }
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t done = 0;
+    long out_tokens = 0, in_tokens = 0;
+    auto t0 = Clock::now();
+    for (size_t i = 0; i < lens.size(); ++i) {
+        tmc::Request r;
+        r.prompt = prompt_of(lens[i].first, int(i));
+        r.sampling.temperature = 0;
+        r.sampling.ignore_eos = true;
+        r.sampling.max_tokens = lens[i].second;
+        in_tokens += lens[i].first;
+        e.submit(std::move(r), [&](const tmc::Output& o) {
+            std::lock_guard<std::mutex> lk(mu);
+            out_tokens += long(o.token_ids.size());
+            if (o.finished && ++done == lens.size()) cv.notify_all();
+        });
+    }
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] { return done == lens.size(); });
+    const double secs = since(t0);
+    line("offline_output", double(out_tokens) / secs, "tok/s",
+         ", \"requests\": " + std::to_string(lens.size()) + ", \"requests_per_s\": " + std::to_string(double(lens.size()) / secs) +
+             ", \"input_tokens\": " + std::to_string(in_tokens) + ", \"output_tokens\": " + std::to_string(out_tokens) +
+             ", \"seconds\": " + std::to_string(secs));
+}
+
 }  // namespace
 
+// engine_bench WS [THREADS] [cpu|cuda] [MAX_BATCH_TOKENS] [SHAREGPT_FILE [SUBSET]]
 int main(int argc, char** argv) {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: engine_bench WS [threads] [cpu|cuda]\n");
+        std::fprintf(stderr, "usage: engine_bench WS [threads] [cpu|cuda] [max_batch_tokens] [sharegpt.jsonl [limit]]\n");
         return 2;
     }
     const int threads = argc > 2 ? std::atoi(argv[2]) : 0;
     tmc::EngineOptions eo;
     eo.device = argc > 3 ? argv[3] : "cpu";
     eo.threads = threads;
+    eo.max_batch_tokens = argc > 4 ? std::atoi(argv[4]) : 0;
     auto e = tmc::Engine::open(argv[1], eo);
     const int nthreads = threads > 0 ? threads : int(std::thread::hardware_concurrency());
-    // Warm up (page in the weights).
-    decode_rate(*e, 1, 16, 16);
-
+    decode_rate(*e, 1, 16, 16);  // warm up (page in the weights)
+    if (eo.device != "cpu") {
+        // GPU: the engine's figures; scripts/bench-gpu.sh puts them next to
+        // Hugging Face and the hardware bounds.
+        line("decode_b1", median3([&] { return decode_rate(*e, 1, 128, 256); }), "tok/s", "");
+        const double pre = median3([&] { return prompt_rate(*e, 2048); });
+        line("prefill_2048", pre, "tok/s", ", \"ttft_s\": " + std::to_string(2048.0 / pre));
+        line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
+        if (argc > 6) offline(*e, argv[5], std::atoi(argv[6]));  // the subset Hugging Face also runs
+        if (argc > 5) offline(*e, argv[5], 1 << 30);
+        return 0;
+    }
     tmc::Workspace ws(argv[1]);
     const auto& c = ws.model();
     double weight_bytes = 0;
@@ -132,12 +190,6 @@ int main(int argc, char** argv) {
     const double bound = bw / weight_bytes;
 
     // The naive reference: one thread, one token at a time.
-    if (eo.device != "cpu") {  // GPU: the engine's figures only (bench-gpu.sh has the baselines)
-        line("decode_b1", median3([&] { return decode_rate(*e, 1, 128, 256); }), "tok/s", "");
-        line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
-        line("prompt_512", median3([&] { return prompt_rate(*e, 512); }), "tok/s", "");
-        return 0;
-    }
     tmc::ReferenceModel ref(ws);
     auto cache = ref.new_cache();
     ref.forward(prompt_of(16, 0), cache);
