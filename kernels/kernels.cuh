@@ -78,6 +78,17 @@ struct AttnArgs {
     int layer;
     void* out;
 };
-void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s);
+// One block per (row, KV head), for the rows listed in `rows` (n of them;
+// null: rows 0..T-1). Suits decode rows.
+void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, int n,
+                     cudaStream_t s);
+// Prefill chunks: each tile is {first row, row count} of consecutive rows of
+// one sequence (count <= attention_tile_rows(group)); one block per (tile,
+// KV head) loads each chunk of K/V into shared memory once for all the
+// tile's query rows. Returns false (launching nothing) for a head_dim it
+// has no instance for; use paged_attention() then.
+int attention_tile_rows(int group);
+bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles,
+                           int n_tiles, cudaStream_t s);
 
 }  // namespace tmc::cuda

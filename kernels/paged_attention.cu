@@ -5,6 +5,7 @@
 // Reads 2 x head_dim x 2 bytes per visible position per (row, KV head).
 // This is the straightforward version: no tensor cores, no split along the
 // sequence; the bound it should reach is HBM bandwidth on those reads.
+#include <algorithm>
 #include <cfloat>
 
 #include "kernels/common.cuh"
@@ -20,12 +21,12 @@ constexpr int kMaxGroup = 8;
 constexpr int kMaxHd = 256;
 
 template <class T>
-__global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv) {
+__global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
     __shared__ float q[kMaxGroup][kMaxHd];
     __shared__ float p[kMaxGroup][kChunk];
     __shared__ float alpha[kMaxGroup];
     __shared__ float inv_l[kMaxGroup];
-    const int r = blockIdx.x, kh = blockIdx.y;
+    const int r = rows ? rows[blockIdx.x] : blockIdx.x, kh = blockIdx.y;
     const int hd = a.hd, group = a.nq / a.nkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kThreads / 32;
     const int pos = b.positions[r];
@@ -101,12 +102,147 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv) {
     }
 }
 
+
+// ---------------------------------------------------------------- tiled (prefill)
+//
+// Up to 64 query vectors (tile rows x group heads) against chunks of 64 keys
+// held in shared memory: 4 threads per query vector, each computing 16 of
+// the chunk's scores and head_dim / 4 output channels. K/V are read from
+// global memory once per tile instead of once per row. fp32 on CUDA cores.
+
+constexpr int kTileQ = 64;   // query vectors per block
+constexpr int kTileK = 64;   // keys per chunk
+constexpr int kTileThreads = 256;
+
+template <int HD>
+__host__ __device__ constexpr int k_stride() { return HD + 8; }  // bf16 elements; shifts banks between keys
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs a, BatchDev b, KvLayout kv,
+                                                                         const int2* tiles) {
+    extern __shared__ float smem[];
+    constexpr int QS = HD + 1, SS = kTileK + 1, KS = k_stride<HD>(), CPT = HD / 4;
+    float* qs = smem;               // [kTileQ][QS]
+    float* S = qs + kTileQ * QS;    // [kTileQ][SS]
+    T* Ks = reinterpret_cast<T*>(S + kTileQ * SS);  // [kTileK][KS]
+    T* Vs = Ks + kTileK * KS;                       // [kTileK][KS]
+    const int group = a.nq / a.nkv;
+    const int2 tile = tiles[blockIdx.x];
+    const int kh = blockIdx.y;
+    const int nqv = tile.y * group;
+    const int tid = threadIdx.x, my = tid >> 2, sub = tid & 3;
+    for (int i = tid; i < nqv * HD; i += kTileThreads) {
+        const int qv = i / HD, c = i % HD, r = qv / group, g = qv % group;
+        qs[qv * QS + c] = a.q[size_t(tile.x + r) * a.ld + size_t(kh * group + g) * HD + c];
+    }
+    const bool active = my < nqv;
+    const int my_row = tile.x + (active ? my / group : 0);
+    const int my_pos = b.positions[my_row];
+    const int my_lo = a.window > 0 ? max(0, my_pos + 1 - a.window) : 0;
+    const int seq = b.row_seq[tile.x];
+    const int* table = b.blocks + b.block_offset[seq];
+    const int first = b.positions[tile.x], last = b.positions[tile.x + tile.y - 1];
+    const int lo = a.window > 0 ? max(0, first + 1 - a.window) : 0, hi = last + 1;
+    const T* cache = static_cast<const T*>(kv.base);
+    float m = -FLT_MAX, l = 0;
+    float acc[CPT];
+    for (int j = 0; j < CPT; ++j) acc[j] = 0;
+    for (int c0 = lo; c0 < hi; c0 += kTileK) {
+        const int n = min(kTileK, hi - c0);
+        __syncthreads();  // the previous chunk is done with Ks, Vs, S (and qs is written)
+        for (int i = tid; i < n * HD; i += kTileThreads) {
+            const int kk = i / HD, c = i % HD, pos = c0 + kk;
+            const int blk = table[pos / kv.block_size], slot = pos % kv.block_size;
+            Ks[kk * KS + c] = cache[kv.offset(blk, a.layer, 0, kh, slot) + c];
+            Vs[kk * KS + c] = cache[kv.offset(blk, a.layer, 1, kh, slot) + c];
+        }
+        __syncthreads();
+        float mloc = -INFINITY;
+        if (active) {
+            for (int j = 0; j < kTileK / 4; ++j) {
+                const int kk = sub + 4 * j;
+                float sc = -INFINITY;
+                const int kpos = c0 + kk;
+                if (kk < n && kpos <= my_pos && kpos >= my_lo) {
+                    float d = 0;
+                    const float* q = qs + my * QS;
+                    const T* k = Ks + kk * KS;
+#pragma unroll 16
+                    for (int c = 0; c < HD; ++c) d += q[c] * to_f(k[c]);
+                    sc = d * a.scale;
+                }
+                S[my * SS + kk] = sc;
+                mloc = fmaxf(mloc, sc);
+            }
+        }
+        mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 1));
+        mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 2));
+        const float m_new = fmaxf(m, mloc);
+        const float alpha = __expf(m - m_new);
+        float psum = 0;
+        if (active)
+            for (int j = 0; j < kTileK / 4; ++j) {
+                const int kk = sub + 4 * j;
+                const float p = __expf(S[my * SS + kk] - m_new);
+                S[my * SS + kk] = p;
+                psum += p;
+            }
+        psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+        psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+        l = l * alpha + psum;
+        m = m_new;
+        __syncwarp();
+        if (active) {
+            for (int j = 0; j < CPT; ++j) acc[j] *= alpha;
+            for (int kk = 0; kk < n; ++kk) {
+                const float p = S[my * SS + kk];
+                const T* v = Vs + kk * KS;
+#pragma unroll
+                for (int j = 0; j < CPT; ++j) acc[j] += p * to_f(v[sub + 4 * j]);
+            }
+        }
+    }
+    if (active) {
+        const int g = my % group;
+        T* out = static_cast<T*>(a.out) + size_t(my_row) * a.nq * HD + size_t(kh * group + g) * HD;
+        const float inv = 1.0f / l;
+        for (int j = 0; j < CPT; ++j) out[sub + 4 * j] = from_f<T>(acc[j] * inv);
+    }
+}
+
+template <class T, int HD>
+void launch_tiled(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
+    const size_t bytes = size_t(kTileQ) * (HD + 1) * 4 + size_t(kTileQ) * (kTileK + 1) * 4 +
+                         2 * size_t(kTileK) * k_stride<HD>() * sizeof(T);
+    static bool attr = [&] {
+        cudaFuncSetAttribute(paged_attention_tiled_k<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+        return true;
+    }();
+    (void)attr;
+    paged_attention_tiled_k<T, HD><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
+}
+
 }  // namespace
 
-void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s) {
-    if (a.T == 0) return;
-    dim3 grid(a.T, a.nkv);
-    TM_DISPATCH_DT(dt, W, paged_attention_k<W><<<grid, kThreads, 0, s>>>(a, b, kv));
+void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, int n,
+                     cudaStream_t s) {
+    if (n == 0) return;
+    dim3 grid(n, a.nkv);
+    TM_DISPATCH_DT(dt, W, paged_attention_k<W><<<grid, kThreads, 0, s>>>(a, b, kv, rows));
+}
+
+int attention_tile_rows(int group) { return std::max(1, kTileQ / group); }
+
+bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles,
+                           int n_tiles, cudaStream_t s) {
+    if (n_tiles == 0) return true;
+    switch (a.hd) {
+        case 16: TM_DISPATCH_DT(dt, W, launch_tiled<W, 16>(a, b, kv, tiles, n_tiles, s)); return true;
+        case 32: TM_DISPATCH_DT(dt, W, launch_tiled<W, 32>(a, b, kv, tiles, n_tiles, s)); return true;
+        case 64: TM_DISPATCH_DT(dt, W, launch_tiled<W, 64>(a, b, kv, tiles, n_tiles, s)); return true;
+        case 128: TM_DISPATCH_DT(dt, W, launch_tiled<W, 128>(a, b, kv, tiles, n_tiles, s)); return true;
+        default: return false;
+    }
 }
 
 }  // namespace tmc::cuda

@@ -184,13 +184,31 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         float* dq = dev(q_step);
         int *spos = dev(positions), *sseq = dev(row_seq);
         tmc::cuda::BatchDev sbd{spos, sseq, doff, dblk};
-        uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
         const float scale = 1.0f / std::sqrt(float(sh.hd));
-        tmc::cuda::AttnArgs aa{dq, qkv_ld, T, sh.nq, sh.nkv, sh.hd, sh.window, scale, layer, out};
-        tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, 0);
-        CK(cudaGetLastError());
-        CK(cudaDeviceSynchronize());
-        auto got = host(out, size_t(T) * sh.nq * sh.hd);
+        // Both kernels: row by row, and in tiles of consecutive rows per sequence.
+        std::vector<std::vector<uint16_t>> outs;
+        for (int variant = 0; variant < 2; ++variant) {
+            uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
+            tmc::cuda::AttnArgs aa{dq, qkv_ld, T, sh.nq, sh.nkv, sh.hd, sh.window, scale, layer, out};
+            if (variant == 0) {
+                tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, nullptr, T, 0);
+            } else {
+                std::vector<int> tiles;
+                const int tr = tmc::cuda::attention_tile_rows(sh.nq / sh.nkv);
+                for (int s = 0, rb = 0; s < S; rb += rows[size_t(s)], ++s)
+                    for (int r = 0; r < rows[size_t(s)]; r += tr) tiles.push_back(rb + r), tiles.push_back(std::min(tr, rows[size_t(s)] - r));
+                int* dt = dev(tiles);
+                ASSERT_TRUE(tmc::cuda::paged_attention_tiled(tmc::cuda::Dt::BF16, aa, sbd, kv,
+                                                             reinterpret_cast<const int2*>(dt), int(tiles.size() / 2), 0));
+                CK(cudaGetLastError());
+                CK(cudaDeviceSynchronize());
+                cudaFree(dt);
+            }
+            CK(cudaGetLastError());
+            CK(cudaDeviceSynchronize());
+            outs.push_back(host(out, size_t(T) * sh.nq * sh.hd));
+            cudaFree(out);
+        }
         auto bf = [](float v) { return tmc::bf16_to_f32(tmc::f32_to_bf16(v)); };
         const int group = sh.nq / sh.nkv;
         for (int r = 0; r < T; ++r) {
@@ -217,13 +235,16 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
                     for (int j = lo; j <= pos; ++j)
                         o += sc[size_t(j - lo)] * bf(ref[size_t(base + j) * qkv_ld + size_t(sh.nq + sh.nkv + kh) * sh.hd + i]);
                     o /= sum;
-                    float g = tmc::bf16_to_f32(got[size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
-                    ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2) << "shape nq " << sh.nq << " hd " << sh.hd << " row " << r << " head " << h;
+                    for (int v = 0; v < 2; ++v) {
+                        float g = tmc::bf16_to_f32(outs[size_t(v)][size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
+                        ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2)
+                            << (v ? "tiled" : "per row") << " nq " << sh.nq << " hd " << sh.hd << " row " << r << " head " << h;
+                    }
                 }
             }
         }
         cudaFree(cache), cudaFree(dqkv), cudaFree(dinv), cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk);
-        cudaFree(dq), cudaFree(spos), cudaFree(sseq), cudaFree(out);
+        cudaFree(dq), cudaFree(spos), cudaFree(sseq);
     }
 }
 

@@ -197,7 +197,7 @@ void CudaBackend::init(const BackendLimits& limits) {
     logits_.alloc(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
     check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size) * 4), "cudaMallocHost");
     // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
-    meta_cap_ = 4 * T + size_t(lim_.max_logit_rows) + T * size_t(lim_.max_context / lim_.block_size + 2);
+    meta_cap_ = 8 * T + size_t(lim_.max_logit_rows) + T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
     check(cudaMallocHost(&h_meta_, meta_cap_ * 4), "cudaMallocHost");
 }
@@ -217,7 +217,18 @@ float* CudaBackend::forward(const BatchPlan& plan) {
     // Step metadata in one copy.
     size_t n_blocks = 0;
     for (auto& s : plan.seqs) n_blocks += size_t(s.n_blocks);
-    const size_t need = 3 * size_t(T) + size_t(L) + size_t(S) + n_blocks;
+    // Attention work: sequences with several rows this step go in tiles of
+    // consecutive rows (prefill chunks), the others row by row (decode).
+    const int group = cfg_.num_heads / cfg_.num_kv_heads;
+    const int tile_rows = cuda::attention_tile_rows(group);
+    size_t n_tiles = 0, n_single = 0;
+    for (auto& q : plan.seqs) {
+        if (q.n_rows >= 4) n_tiles += size_t((q.n_rows + tile_rows - 1) / tile_rows);
+        else n_single += size_t(q.n_rows);
+    }
+    size_t base = 3 * size_t(T) + size_t(L) + size_t(S) + n_blocks;
+    const size_t single_at = base, tiles_at = (base + n_single + 1) / 2 * 2;
+    const size_t need = tiles_at + 2 * n_tiles;
     if (need > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
     int* m = h_meta_;
     std::memcpy(m, plan.tokens.data(), size_t(T) * 4);
@@ -234,6 +245,20 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         boff[s] = int(bo);
         std::memcpy(blocks + bo, q.blocks, size_t(q.n_blocks) * 4);
         bo += size_t(q.n_blocks);
+    }
+    {
+        int* single = m + single_at;
+        int* tiles = m + tiles_at;
+        for (auto& q : plan.seqs) {
+            if (q.n_rows >= 4) {
+                for (int r = 0; r < q.n_rows; r += tile_rows) {
+                    *tiles++ = q.row_begin + r;
+                    *tiles++ = std::min(tile_rows, q.n_rows - r);
+                }
+            } else {
+                for (int r = 0; r < q.n_rows; ++r) *single++ = q.row_begin + r;
+            }
+        }
     }
     check(cudaMemcpyAsync(meta_.p, h_meta_, need * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
     const int* d_tokens = meta_.p;
@@ -254,7 +279,12 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
         launched("qkv_rope_cache");
         cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p};
-        cuda::paged_attention(dt_, aa, bd, kvl_, stream_);
+        const int2* d_tiles = reinterpret_cast<const int2*>(meta_.p + tiles_at);
+        if (cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_)) {
+            cuda::paged_attention(dt_, aa, bd, kvl_, meta_.p + single_at, int(n_single), stream_);
+        } else {
+            cuda::paged_attention(dt_, aa, bd, kvl_, nullptr, T, stream_);
+        }
         launched("paged_attention");
         gemm(Ly.wo, attn_.p, T, x_.p, CUDA_R_32F, H, 1.0f);
         cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
