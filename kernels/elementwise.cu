@@ -9,11 +9,13 @@ namespace tmc::cuda {
 
 namespace {
 
+// Grids cover elements, not rows: decode steps have a single row.
 template <class T>
 __global__ void embedding_k(const T* emb, const int* tokens, int H, float* x) {
-    const int t = blockIdx.x;
+    const int t = blockIdx.y;
     const T* row = emb + size_t(tokens[t]) * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) x[size_t(t) * H + i] = to_f(row[i]);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H; i += gridDim.x * blockDim.x)
+        x[size_t(t) * H + i] = to_f(row[i]);
 }
 
 template <class T>
@@ -29,9 +31,9 @@ __global__ void rmsnorm_k(const float* x, const int* rows, int H, const T* w, fl
 
 template <class T>
 __global__ void silu_mul_k(const T* gu, int I, T* out) {
-    const int t = blockIdx.x;
+    const int t = blockIdx.y;
     const T* g = gu + size_t(t) * 2 * I;
-    for (int i = threadIdx.x; i < I; i += blockDim.x) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
         float a = to_f(g[i]);
         out[size_t(t) * I + i] = from_f<T>(a / (1.0f + __expf(-a)) * to_f(g[I + i]));
     }
@@ -41,18 +43,22 @@ __global__ void silu_mul_k(const T* gu, int I, T* out) {
 
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s) {
     if (T == 0) return;
-    TM_DISPATCH_DT(dt, W, embedding_k<W><<<T, 256, 0, s>>>(static_cast<const W*>(emb), tokens, H, x));
+    dim3 grid((H + 255) / 256, T);
+    TM_DISPATCH_DT(dt, W, embedding_k<W><<<grid, 256, 0, s>>>(static_cast<const W*>(emb), tokens, H, x));
 }
 
 void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
              cudaStream_t s) {
     if (R == 0) return;
-    TM_DISPATCH_DT(dt, W, rmsnorm_k<W><<<R, 256, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps, static_cast<W*>(out)));
+    // One block per row, wide enough that a single row is not latency-bound.
+    const int threads = H >= 4096 ? 1024 : H >= 1024 ? 512 : 256;
+    TM_DISPATCH_DT(dt, W, rmsnorm_k<W><<<R, threads, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps, static_cast<W*>(out)));
 }
 
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s) {
     if (T == 0) return;
-    TM_DISPATCH_DT(dt, W, silu_mul_k<W><<<T, 512, 0, s>>>(static_cast<const W*>(gu), I, static_cast<W*>(out)));
+    dim3 grid((I + 255) / 256, T);
+    TM_DISPATCH_DT(dt, W, silu_mul_k<W><<<grid, 256, 0, s>>>(static_cast<const W*>(gu), I, static_cast<W*>(out)));
 }
 
 }  // namespace tmc::cuda

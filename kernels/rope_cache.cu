@@ -15,6 +15,7 @@ constexpr int kMaxHd = 256;
 template <class T>
 __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     __shared__ float buf[kWarps][kMaxHd];
+    // blockIdx.y picks a group of kWarps heads: several blocks per row.
     const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hd = a.hd, half = hd / 2;
     const int pos = b.positions[r];
@@ -24,7 +25,7 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     float* row = a.qkv + size_t(r) * a.ld;
     const T* bias = static_cast<const T*>(a.bias);
     float* sm = buf[warp];
-    for (int h = warp; h < a.nq + 2 * a.nkv; h += kWarps) {
+    for (int h = blockIdx.y * kWarps + warp; h < a.nq + 2 * a.nkv; h += kWarps * gridDim.y) {
         float* x = row + size_t(h) * hd;
         const bool is_q = h < a.nq, is_k = !is_q && h < a.nq + a.nkv;
         for (int i = lane; i < hd; i += 32) sm[i] = x[i] + (bias ? to_f(bias[size_t(h) * hd + i]) : 0.0f);
@@ -67,7 +68,8 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
 
 void qkv_rope_cache(Dt dt, const QkvArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s) {
     if (a.T == 0) return;
-    TM_DISPATCH_DT(dt, W, qkv_rope_cache_k<W><<<a.T, kWarps * 32, 0, s>>>(a, b, kv));
+    dim3 grid(a.T, (a.nq + 2 * a.nkv + kWarps - 1) / kWarps);
+    TM_DISPATCH_DT(dt, W, qkv_rope_cache_k<W><<<grid, kWarps * 32, 0, s>>>(a, b, kv));
 }
 
 }  // namespace tmc::cuda

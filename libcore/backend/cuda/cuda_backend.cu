@@ -5,6 +5,7 @@
 // the residual stream and logits fp32.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -67,6 +68,11 @@ private:
     void gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta);
     size_t step_bytes(int max_tokens) const;
     void launched(const char* what) { check(cudaGetLastError(), what); }
+    void run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows, size_t o_boff,
+             size_t o_single, size_t o_tiles, size_t o_blocks);
+    static constexpr int kMaxGraphBatch = 256;
+    bool graphs_enabled_ = true;
+    std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
     cuda::Dt dt_;
@@ -119,6 +125,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     cudaDeviceProp prop;
     check(cudaGetDeviceProperties(&prop, opt.device), "cudaGetDeviceProperties");
     device_name_ = prop.name;
+    if (const char* g = std::getenv("TM_CUDA_GRAPHS")) graphs_enabled_ = std::string(g) != "0";
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
     check(cb.create(&blas_), "cublasCreate");
@@ -158,6 +165,8 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
 
 CudaBackend::~CudaBackend() {
     if (stream_) cudaStreamSynchronize(stream_);
+    for (auto g : graphs_)
+        if (g) cudaGraphExecDestroy(g);
     if (blas_) cuda::cublas().destroy(blas_);
     if (arena_) cudaFree(arena_);
     if (h_meta_) cudaFreeHost(h_meta_);
@@ -210,46 +219,52 @@ void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDa
           "gemm");
 }
 
+// Step metadata, one upload per step. Fixed-size sections first and the
+// block tables last, so that in a decode step every section's offset depends
+// on the number of rows only (what a captured graph needs).
+struct MetaLayout {
+    size_t tokens, positions, row_seq, lrows, boff, single, tiles, blocks, total;
+};
+
 float* CudaBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
         throw Error("cuda backend: batch plan outside the limits it was initialized with");
-    // Step metadata in one copy.
-    size_t n_blocks = 0;
-    for (auto& s : plan.seqs) n_blocks += size_t(s.n_blocks);
     // Attention work: sequences with several rows this step go in tiles of
     // consecutive rows (prefill chunks), the others row by row (decode).
     const int group = cfg_.num_heads / cfg_.num_kv_heads;
     const int tile_rows = cuda::attention_tile_rows(group);
-    size_t n_tiles = 0, n_single = 0;
+    size_t n_tiles = 0, n_single = 0, n_blocks = 0;
     for (auto& q : plan.seqs) {
         if (q.n_rows >= 4) n_tiles += size_t((q.n_rows + tile_rows - 1) / tile_rows);
         else n_single += size_t(q.n_rows);
+        n_blocks += size_t(q.n_blocks);
     }
-    size_t base = 3 * size_t(T) + size_t(L) + size_t(S) + n_blocks;
-    const size_t single_at = base, tiles_at = (base + n_single + 1) / 2 * 2;
-    const size_t need = tiles_at + 2 * n_tiles;
-    if (need > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
+    MetaLayout ml;
+    ml.tokens = 0;
+    ml.positions = size_t(T);
+    ml.row_seq = 2 * size_t(T);
+    ml.lrows = 3 * size_t(T);
+    ml.boff = ml.lrows + size_t(L);
+    ml.single = ml.boff + size_t(S);
+    ml.tiles = (ml.single + n_single + 1) / 2 * 2;  // int2-aligned
+    ml.blocks = ml.tiles + 2 * n_tiles;
+    ml.total = ml.blocks + n_blocks;
+    if (ml.total > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
     int* m = h_meta_;
-    std::memcpy(m, plan.tokens.data(), size_t(T) * 4);
-    std::memcpy(m + T, plan.positions.data(), size_t(T) * 4);
-    int* row_seq = m + 2 * T;
-    int* lrows = m + 3 * T;
-    int* boff = lrows + L;
-    int* blocks = boff + S;
-    std::memcpy(lrows, plan.logit_rows.data(), size_t(L) * 4);
-    size_t bo = 0;
-    for (int s = 0; s < S; ++s) {
-        const auto& q = plan.seqs[size_t(s)];
-        for (int r = 0; r < q.n_rows; ++r) row_seq[q.row_begin + r] = s;
-        boff[s] = int(bo);
-        std::memcpy(blocks + bo, q.blocks, size_t(q.n_blocks) * 4);
-        bo += size_t(q.n_blocks);
-    }
+    std::memcpy(m + ml.tokens, plan.tokens.data(), size_t(T) * 4);
+    std::memcpy(m + ml.positions, plan.positions.data(), size_t(T) * 4);
+    std::memcpy(m + ml.lrows, plan.logit_rows.data(), size_t(L) * 4);
     {
-        int* single = m + single_at;
-        int* tiles = m + tiles_at;
-        for (auto& q : plan.seqs) {
+        int* single = m + ml.single;
+        int* tiles = m + ml.tiles;
+        size_t bo = 0;
+        for (int s = 0; s < S; ++s) {
+            const auto& q = plan.seqs[size_t(s)];
+            for (int r = 0; r < q.n_rows; ++r) m[ml.row_seq + size_t(q.row_begin + r)] = s;
+            m[ml.boff + size_t(s)] = int(bo);
+            std::memcpy(m + ml.blocks + bo, q.blocks, size_t(q.n_blocks) * 4);
+            bo += size_t(q.n_blocks);
             if (q.n_rows >= 4) {
                 for (int r = 0; r < q.n_rows; r += tile_rows) {
                     *tiles++ = q.row_begin + r;
@@ -260,11 +275,44 @@ float* CudaBackend::forward(const BatchPlan& plan) {
             }
         }
     }
-    check(cudaMemcpyAsync(meta_.p, h_meta_, need * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
-    const int* d_tokens = meta_.p;
-    cuda::BatchDev bd{meta_.p + T, meta_.p + 2 * T, meta_.p + 3 * T + L, meta_.p + 3 * T + L + S};
-    const int* d_lrows = meta_.p + 3 * T;
+    check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
 
+    // Decode steps (one row per sequence) replay a CUDA graph per batch size.
+    const bool decode = n_tiles == 0 && size_t(T) == n_single && L == T && S == T;
+    if (decode && graphs_enabled_ && T <= kMaxGraphBatch) {
+        cudaGraphExec_t& exec = graphs_[size_t(T)];
+        if (!exec) {
+            cudaGraph_t graph;
+            check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
+            try {
+                run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+            } catch (...) {
+                cudaStreamEndCapture(stream_, &graph);
+                throw;
+            }
+            check(cudaStreamEndCapture(stream_, &graph), "graph capture");
+            check(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
+            cudaGraphDestroy(graph);
+        }
+        check(cudaGraphLaunch(exec, stream_), "graph launch");
+    } else {
+        run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+    }
+    if (L > 0)
+        check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(cfg_.vocab_size) * 4, cudaMemcpyDeviceToHost, stream_),
+              "logits download");
+    check(cudaStreamSynchronize(stream_), "forward");
+    return h_logits_;
+}
+
+// The kernels of one step, on stream_ (captured into a graph for decode).
+void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows,
+                      size_t o_boff, size_t o_single, size_t o_tiles, size_t o_blocks) {
+    const int* d_tokens = meta_.p;
+    cuda::BatchDev bd{meta_.p + o_pos, meta_.p + o_seq, meta_.p + o_boff, meta_.p + o_blocks};
+    const int* d_lrows = meta_.p + o_lrows;
+    const int2* d_tiles = reinterpret_cast<const int2*>(meta_.p + o_tiles);
+    const int* d_single = meta_.p + o_single;
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
     const int nq = cfg_.num_heads, nkv = cfg_.num_kv_heads, qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
     const float eps = float(cfg_.rms_norm_eps);
@@ -279,9 +327,8 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
         launched("qkv_rope_cache");
         cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p};
-        const int2* d_tiles = reinterpret_cast<const int2*>(meta_.p + tiles_at);
         if (cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_)) {
-            cuda::paged_attention(dt_, aa, bd, kvl_, meta_.p + single_at, int(n_single), stream_);
+            cuda::paged_attention(dt_, aa, bd, kvl_, d_single, int(n_single), stream_);
         } else {
             cuda::paged_attention(dt_, aa, bd, kvl_, nullptr, T, stream_);
         }
@@ -298,11 +345,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         cuda::rmsnorm(dt_, x_.p, d_lrows, L, H, final_norm_.ptr, eps, hn_.p, stream_);
         launched("rmsnorm");
         gemm(output_, hn_.p, L, logits_.p, CUDA_R_32F, cfg_.vocab_size, 0.0f);
-        check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(cfg_.vocab_size) * 4, cudaMemcpyDeviceToHost, stream_),
-              "logits download");
     }
-    check(cudaStreamSynchronize(stream_), "forward");
-    return h_logits_;
 }
 
 void CudaBackend::token_logprobs(const int* logit_index, const int* targets, int n, float* out) {
