@@ -171,6 +171,11 @@ assert o[3]["text"] == o[4]["text"]
     run tm-run "$WS" --device tpu < /dev/null
     assert_failure 1
     assert_output --partial 'unknown device'
+    if ! command -v nvidia-smi > /dev/null; then
+        run tm-run "$WS" --device cuda < /dev/null
+        assert_failure 1
+        assert_output --partial 'tm-run: error: --device cuda: no usable GPU'
+    fi
 }
 
 @test "--ppl of eval.txt is within 0.1% of the reference fp32 perplexity" {
