@@ -431,6 +431,7 @@ int main(int argc, char** argv) {
         ("cache-mib", "KV cache size in MiB (default: 1024)", cxxopts::value<int64_t>()->default_value("0"))
         ("max-batch-tokens", "tokens per step, decode and prefill chunks together (default 512)", cxxopts::value<int>()->default_value("0"))
         ("max-batch-size", "sequences per step (default 256)", cxxopts::value<int>()->default_value("0"))
+        ("quant-policy", "KV cache: 0 (unquantized), 8 (int8), 4 (int4); default: config.ini's", cxxopts::value<int>()->default_value("-1"))
         ("chat-template", "built-in template name (llama2, llama3, chatml, internlm2, vicuna) or a template file",
          cxxopts::value<std::string>())
         ("max-tokens", "default max_tokens", cxxopts::value<int>()->default_value("512"))
@@ -513,6 +514,11 @@ int main(int argc, char** argv) {
         eo.cache_bytes = args["cache-mib"].as<int64_t>() * (int64_t(1) << 20);
         eo.max_batch_tokens = args["max-batch-tokens"].as<int>();
         eo.max_batch_size = args["max-batch-size"].as<int>();
+        eo.quant_policy = args["quant-policy"].as<int>();
+        if (eo.quant_policy != -1 && eo.quant_policy != 0 && eo.quant_policy != 4 && eo.quant_policy != 8) {
+            std::fprintf(stderr, "%s: error: --quant-policy must be 0, 4 or 8\n%s", kProg, kUsage);
+            return 2;
+        }
         if (args.count("chat-template")) eo.chat_template = args["chat-template"].as<std::string>();
         const bool verbose = args.count("verbose") > 0;
         if (verbose) eo.log = [](const std::string& m) { std::fprintf(stderr, "tm-run: %s\n", m.c_str()); };

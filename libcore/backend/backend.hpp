@@ -67,7 +67,8 @@ public:
 };
 
 struct CpuBackendOptions {
-    int threads = 0;  // 0: all cores
+    int threads = 0;   // 0: all cores
+    int kv_quant = 0;  // quant_policy: 0 (fp32 cache), 8 (int8) or 4 (int4), per token and head
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);

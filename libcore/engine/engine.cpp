@@ -195,8 +195,17 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     std::string device = opt.device.empty() ? "auto" : opt.device;
     if (device != "auto" && device != "cpu" && device != "cuda")
         throw Error("unknown device \"" + device + "\" (cpu, cuda or auto)");
+    const int kv_quant = opt.quant_policy >= 0 ? opt.quant_policy : im->ws->engine().quant_policy;
+    if (kv_quant != 0 && kv_quant != 4 && kv_quant != 8) throw Error("quant_policy must be 0, 4 or 8");
     std::string why;
-    const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
+    bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
+    if (gpu && kv_quant != 0) {
+        if (device == "cuda")
+            throw Error("the CUDA backend has no quantized KV cache yet (quant_policy " + std::to_string(kv_quant) +
+                        "); use --device cpu or quant_policy 0");
+        if (opt.log) opt.log("quant_policy " + std::to_string(kv_quant) + ": the CPU backend runs it");
+        gpu = false;
+    }
     if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
     if (gpu) {
         try {
@@ -209,6 +218,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     if (!im->backend) {
         CpuBackendOptions co;
         co.threads = opt.threads;
+        co.kv_quant = kv_quant;
         im->backend = make_cpu_backend(*im->ws, co);
     }
 

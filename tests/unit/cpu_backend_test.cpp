@@ -19,11 +19,11 @@ struct Fixture {
     tmtest::TempDir d;
     std::unique_ptr<tmc::Workspace> ws;
     std::unique_ptr<tmc::Backend> be;
-    explicit Fixture(const std::string& model, int threads = 2) {
+    explicit Fixture(const std::string& model, int threads = 2, int kv_quant = 0) {
         tmc::ConvertOptions opt;
         tmc::convert_hf_model(tmtest::shared_dir() + "/models/" + model, d / "ws", opt);
         ws = std::make_unique<tmc::Workspace>(d / "ws");
-        be = tmc::make_cpu_backend(*ws, {threads});
+        be = tmc::make_cpu_backend(*ws, {threads, kv_quant});
         tmc::BackendLimits lim;
         lim.num_blocks = 64;
         lim.block_size = 4;  // small blocks: sequences span several
@@ -150,6 +150,36 @@ TEST(CpuBackend, BatchInvariant) {
     auto chunked = run(*f.be, seqs, blocks, mid, to);
     for (size_t s = 0; s < seqs.size(); ++s)
         ASSERT_EQ(0, std::memcmp(solo[s].data(), chunked[s].data(), solo[s].size() * 4)) << "sequence " << s;
+}
+
+// Quantized KV caches: logits close to the unquantized ones (int8 closely,
+// int4 roughly), still bit-identical alone and batched, on every architecture.
+TEST(CpuBackend, QuantizedKvCache) {
+    for (const char* m : {"tinytech-25m", "random-qwen3", "random-mistral"}) {
+        Fixture ref(m);
+        std::mt19937 rng(3);
+        std::vector<int> toks(50);
+        for (auto& t : toks) t = int(rng() % uint32_t(ref.be->config().vocab_size));
+        std::vector<int> blocks;
+        for (int b = 0; b < 18; ++b) blocks.push_back(b * 3 % 64);
+        auto want = run(*ref.be, {toks}, {blocks}, {0}, {int(toks.size())})[0];
+        for (int bits : {8, 4}) {
+            Fixture f(m, 2, bits);
+            // Prefill in two chunks, the second starting at an odd position.
+            run(*f.be, {toks}, {blocks}, {0}, {33});
+            auto got = run(*f.be, {toks}, {blocks}, {33}, {int(toks.size())})[0];
+            float scale = 0, err = 0;
+            for (size_t i = 0; i < want.size(); ++i) {
+                scale = std::max(scale, std::abs(want[i]));
+                err = std::max(err, std::abs(want[i] - got[i]));
+            }
+            EXPECT_LT(err, (bits == 8 ? 0.02f : 0.25f) * scale) << m << " int" << bits;
+            auto solo = run(*f.be, {toks}, {blocks}, {0}, {int(toks.size())})[0];
+            std::vector<int> other(13, 7), oblocks = {40, 41, 42, 43, 44, 45, 46, 47};
+            auto both = run(*f.be, {other, toks}, {oblocks, blocks}, {0, 0}, {13, int(toks.size())});
+            ASSERT_EQ(0, std::memcmp(solo.data(), both[1].data(), solo.size() * 4)) << m << " int" << bits;
+        }
+    }
 }
 
 TEST(CpuKernels, IsasAgreeOnGemm) {

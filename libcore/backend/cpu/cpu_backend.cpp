@@ -31,9 +31,16 @@ struct Weight {
 class CpuBackend final : public Backend {
 public:
     CpuBackend(const Workspace& ws, const CpuBackendOptions& opt);
-    std::string name() const override { return std::string("cpu (") + k_.isa + ", " + std::to_string(pool_.size()) + " threads)"; }
+    std::string name() const override {
+        return std::string("cpu (") + k_.isa + ", " + std::to_string(pool_.size()) + " threads" +
+               (kvq_ ? ", int" + std::to_string(kvq_) + " KV cache" : "") + ")";
+    }
     const ModelConfig& config() const override { return cfg_; }
-    size_t kv_bytes_per_token() const override { return size_t(cfg_.num_layers) * 2 * size_t(cfg_.kv_size()) * 4; }
+    size_t kv_bytes_per_token() const override {
+        const size_t kvs = size_t(cfg_.kv_size()), nkv = size_t(cfg_.num_kv_heads);
+        if (kvq_ == 0) return size_t(cfg_.num_layers) * 2 * kvs * 4;
+        return size_t(cfg_.num_layers) * (2 * kvs * size_t(kvq_) / 8 + 4 * nkv * 4);
+    }
     void init(const BackendLimits& limits) override;
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
@@ -64,7 +71,17 @@ private:
     // A block holds, per layer, K as [kv_heads * head_dim][block_size] and
     // then V as [block_size][kv_heads * head_dim].
     size_t block_stride_ = 0;  // floats per block (all layers, K and V)
-    std::unique_ptr<float[]> kv_;
+    std::unique_ptr<uint8_t[]> kv_bytes_;
+    float* kv_ = nullptr;  // the fp32 cache (quant_policy 0)
+    // Quantized cache (quant_policy 8 or 4), per layer within a block: K
+    // transposed [kv_size][block_size] codes, V [block_size][kv_size] codes,
+    // then K scale, K min, V scale, V min, each [kv_heads][block_size] floats.
+    int kvq_ = 0;
+    struct QLayout {
+        size_t k_row = 0, v_row = 0, v_off = 0, ks_off = 0, km_off = 0, vs_off = 0, vm_off = 0, layer_bytes = 0;
+    } ql_;
+    size_t block_bytes_ = 0;
+    void write_quantized(const float* k, const float* v, int block, int slot, int layer);
     std::vector<float> rope_cos_, rope_sin_;  // [max_context][head_dim / 2]
     std::vector<float> x_, h_, qkv_, attn_, gu_, act_, hn_, logits_;
     std::vector<float> scratch_;  // per thread
@@ -101,6 +118,9 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     if (cfg_.num_heads % cfg_.num_kv_heads != 0 || cfg_.num_heads / cfg_.num_kv_heads > 64)
         throw Error(ws.dir() + ": unsupported head grouping");
     wtype_ = cfg_.weight_dtype == DType::BF16 ? cpu::kWeightBF16 : cpu::kWeightF16;
+    kvq_ = opt.kv_quant;
+    if (kvq_ != 0 && kvq_ != 4 && kvq_ != 8) throw Error("quant_policy must be 0, 4 or 8");
+    if (kvq_ == 4 && cfg_.head_dim % 2) throw Error(ws.dir() + ": an int4 KV cache needs an even head_dim");
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
     const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
     emb_ = weight(ws, wname::kEmbedding, V, H);
@@ -132,9 +152,25 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
 void CpuBackend::init(const BackendLimits& limits) {
     lim_ = limits;
     const size_t kvs = size_t(cfg_.kv_size());
-    block_stride_ = size_t(cfg_.num_layers) * 2 * size_t(lim_.block_size) * kvs;
+    const size_t bs = size_t(lim_.block_size), nkv = size_t(cfg_.num_kv_heads);
+    if (kvq_ == 4 && bs % 2) throw Error("an int4 KV cache needs an even block size");
+    if (kvq_ == 0) {
+        block_stride_ = size_t(cfg_.num_layers) * 2 * bs * kvs;
+        block_bytes_ = block_stride_ * 4;
+    } else {
+        ql_.k_row = bs * size_t(kvq_) / 8;
+        ql_.v_row = kvs * size_t(kvq_) / 8;
+        ql_.v_off = (kvs * ql_.k_row + 63) / 64 * 64;
+        ql_.ks_off = (ql_.v_off + bs * ql_.v_row + 63) / 64 * 64;
+        ql_.km_off = ql_.ks_off + nkv * bs * 4;
+        ql_.vs_off = ql_.km_off + nkv * bs * 4;
+        ql_.vm_off = ql_.vs_off + nkv * bs * 4;
+        ql_.layer_bytes = (ql_.vm_off + nkv * bs * 4 + 63) / 64 * 64;
+        block_bytes_ = size_t(cfg_.num_layers) * ql_.layer_bytes;
+    }
     // Not zeroed: the OS commits pages as blocks are first written.
-    kv_.reset(new float[size_t(lim_.num_blocks) * block_stride_]);
+    kv_bytes_.reset(new uint8_t[size_t(lim_.num_blocks) * block_bytes_ + 64]);
+    kv_ = reinterpret_cast<float*>(kv_bytes_.get());
     const size_t half = inv_freq_.size();
     rope_cos_.resize(size_t(lim_.max_context) * half);
     rope_sin_.resize(size_t(lim_.max_context) * half);
@@ -180,6 +216,59 @@ void CpuBackend::rows(int T, F&& f) {
     });
 }
 
+// Per (token, KV head) asymmetric quantization: x ~= code * scale + min.
+void CpuBackend::write_quantized(const float* k, const float* v, int block, int slot, int layer) {
+    const int hd = cfg_.head_dim, nkv = cfg_.num_kv_heads, bs = lim_.block_size;
+    const float qmax = kvq_ == 8 ? 255.0f : 15.0f;
+    uint8_t* lb = kv_bytes_.get() + size_t(block) * block_bytes_ + size_t(layer) * ql_.layer_bytes;
+    float* ks = reinterpret_cast<float*>(lb + ql_.ks_off);
+    float* km = reinterpret_cast<float*>(lb + ql_.km_off);
+    float* vs = reinterpret_cast<float*>(lb + ql_.vs_off);
+    float* vm = reinterpret_cast<float*>(lb + ql_.vm_off);
+    auto params = [&](const float* x, float* sc, float* mn) {
+        float lo = x[0], hi = x[0];
+        for (int i = 1; i < hd; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+        *mn = lo;
+        *sc = hi > lo ? (hi - lo) / qmax : 1.0f;
+    };
+    auto code = [&](float x, float sc, float mn) {
+        return uint8_t(std::min(qmax, std::max(0.0f, std::nearbyint((x - mn) / sc))));
+    };
+    for (int h = 0; h < nkv; ++h) {
+        const float* kh = k + size_t(h) * hd;
+        const float* vh = v + size_t(h) * hd;
+        float s, m;
+        params(kh, &s, &m);
+        ks[h * bs + slot] = s, km[h * bs + slot] = m;
+        for (int i = 0; i < hd; ++i) {
+            uint8_t* row = lb + size_t(h * hd + i) * ql_.k_row;
+            const uint8_t c = code(kh[i], s, m);
+            if (kvq_ == 8) {
+                row[slot] = c;
+            } else {
+                // Two positions share a byte and may be written by two threads.
+                const int sh = (slot & 1) * 4;
+                __atomic_fetch_and(&row[slot >> 1], uint8_t(~(0xF << sh)), __ATOMIC_RELAXED);
+                __atomic_fetch_or(&row[slot >> 1], uint8_t(c << sh), __ATOMIC_RELAXED);
+            }
+        }
+        params(vh, &s, &m);
+        vs[h * bs + slot] = s, vm[h * bs + slot] = m;
+        uint8_t* vrow = lb + ql_.v_off + size_t(slot) * ql_.v_row;
+        for (int i = 0; i < hd; ++i) {
+            const uint8_t c = code(vh[i], s, m);
+            const size_t ch = size_t(h * hd + i);
+            if (kvq_ == 8) {
+                vrow[ch] = c;
+            } else if (ch % 2 == 0) {
+                vrow[ch / 2] = c;
+            } else {
+                vrow[ch / 2] = uint8_t(vrow[ch / 2] | (c << 4));
+            }
+        }
+    }
+}
+
 void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
     const int hd = cfg_.head_dim, nkv = cfg_.num_kv_heads, group = cfg_.num_heads / nkv;
     const size_t kvs = size_t(cfg_.kv_size()), qkv_ld = size_t(cfg_.q_size()) + 2 * kvs;
@@ -190,12 +279,40 @@ void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
         const int r = task / nkv, kh = task % nkv;
         const BatchPlan::Seq& s = plan.seqs[size_t(row_seq_[size_t(r)])];
         const int pos = plan.positions[size_t(r)];
+        if (kvq_) {
+            const size_t bs = size_t(lim_.block_size);
+            const uint8_t* lb = kv_bytes_.get() + size_t(layer) * ql_.layer_bytes;
+            cpu::AttnQArgs a;
+            a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
+            a.group = group;
+            a.head_dim = hd;
+            a.bits = kvq_;
+            a.k_base = lb + size_t(kh * hd) * ql_.k_row;
+            a.v_base = lb + ql_.v_off + size_t(kh * hd) * size_t(kvq_) / 8;
+            a.block_stride_bytes = block_bytes_;
+            a.k_row = ql_.k_row;
+            a.v_row = ql_.v_row;
+            a.k_scale = reinterpret_cast<const float*>(lb + ql_.ks_off) + size_t(kh) * bs;
+            a.k_min = reinterpret_cast<const float*>(lb + ql_.km_off) + size_t(kh) * bs;
+            a.v_scale = reinterpret_cast<const float*>(lb + ql_.vs_off) + size_t(kh) * bs;
+            a.v_min = reinterpret_cast<const float*>(lb + ql_.vm_off) + size_t(kh) * bs;
+            a.param_stride = block_bytes_ / 4;
+            a.block_table = s.blocks;
+            a.block_size = lim_.block_size;
+            a.ctx_end = pos + 1;
+            a.ctx_begin = cfg_.sliding_window > 0 ? std::max(0, pos + 1 - cfg_.sliding_window) : 0;
+            a.scale = scale;
+            a.out = attn_.data() + size_t(r) * size_t(cfg_.q_size()) + size_t(kh * group * hd);
+            a.scratch = scratch_.data() + size_t(thread) * scratch_per;
+            k_.attention_q(a);
+            return;
+        }
         cpu::AttnArgs a;
         a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
         a.group = group;
         a.head_dim = hd;
-        a.k_base = kv_.get() + layer_off + size_t(kh * hd) * size_t(lim_.block_size);
-        a.v_base = kv_.get() + layer_off + size_t(lim_.block_size) * kvs + size_t(kh * hd);
+        a.k_base = kv_ + layer_off + size_t(kh * hd) * size_t(lim_.block_size);
+        a.v_base = kv_ + layer_off + size_t(lim_.block_size) * kvs + size_t(kh * hd);
         a.block_stride = block_stride_;
         a.slot_stride = kvs;
         a.block_table = s.blocks;
@@ -259,9 +376,13 @@ float* CpuBackend::forward(const BatchPlan& plan) {
             for (size_t hh = 0; hh < nq; ++hh) rope(q + hh * hd);
             for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd);
             const BatchPlan::Seq& sq = plan.seqs[size_t(row_seq_[size_t(r)])];
-            float* slot = kv_.get() + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + (size_t(pos) % bs) * kvs;
+            if (kvq_) {
+                write_quantized(k, v, sq.blocks[size_t(pos) / bs], int(size_t(pos) % bs), int(l));
+                return;
+            }
+            float* slot = kv_ + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + (size_t(pos) % bs) * kvs;
             // K transposed within the block ([channel][slot]), V as rows.
-            float* kt = kv_.get() + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + size_t(pos) % bs;
+            float* kt = kv_ + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + size_t(pos) % bs;
             for (size_t i = 0; i < kvs; ++i) kt[i * bs] = k[i];
             std::memcpy(slot + bs * kvs, v, kvs * 4);
         });

@@ -36,6 +36,35 @@ struct AttnArgs {
     float* scratch;  // at least group * (ctx_end - ctx_begin) floats
 };
 
+// Attention over a quantized cache (quant_policy 8 or 4): per (token, KV
+// head) asymmetric quantization, x ~= q * scale + min. In block b, slot s:
+//   K: channel i at k_base[b * block_stride_bytes + i * k_row + s * bits / 8]
+//      (int4: slot pairs share a byte, the even slot in the low nibble);
+//   V: position j's channels at v_base[b * block_stride_bytes + s * v_row],
+//      (int4: channel pairs share a byte);
+//   scale/min of K and V: k_scale[b * param_stride + s] etc. (floats).
+struct AttnQArgs {
+    const float* q;
+    int group;
+    int head_dim;
+    int bits;  // 8 or 4
+    const uint8_t* k_base;
+    const uint8_t* v_base;
+    size_t block_stride_bytes;
+    size_t k_row, v_row;  // bytes
+    const float* k_scale;
+    const float* k_min;
+    const float* v_scale;
+    const float* v_min;
+    size_t param_stride;  // floats between blocks
+    const int* block_table;
+    int block_size;
+    int ctx_begin, ctx_end;
+    float scale;
+    float* out;
+    float* scratch;  // at least group * (ctx_end - ctx_begin) + 64 floats
+};
+
 struct Kernels {
     const char* isa;
     // Y[t, n] (+)= sum_k W[n, k] * X[t, k] for t < T, n in [n0, n1), the sum
@@ -51,6 +80,7 @@ struct Kernels {
     // log(sum(exp(x))).
     float (*logsumexp)(const float* x, int n);
     int (*argmax)(const float* x, int n);
+    void (*attention_q)(const AttnQArgs& a);
 };
 
 // Row-major 16-bit W [N, K] into panels of 16 rows: out[(n / 16) * 16 * K +

@@ -1,11 +1,17 @@
 // A small fork-join pool for the step loop: the calling thread and n-1
-// workers split `n_tasks` tasks. Workers spin briefly between jobs (a decode
-// step launches dozens of jobs a few microseconds apart) and then sleep, so
-// an idle engine costs no CPU. run() allocates nothing.
+// workers split `n_tasks` tasks. Tasks are claimed from one atomic ticket
+// that carries the job's generation, so the caller never waits for a worker
+// that has not shown up: it runs the unclaimed tasks itself and waits only
+// for tasks already taken. Workers spin briefly between jobs (a decode step
+// launches dozens of jobs a few microseconds apart), then sleep, so an idle
+// engine costs no CPU and an oversubscribed machine degrades gracefully.
+// run() allocates nothing.
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -35,17 +41,21 @@ private:
     using Fn = void (*)(void*, int, int);
     void run_impl(int n_tasks, Fn fn, void* ctx);
     void worker(int index);
-    void work(int thread);
+    // Claims and runs tasks of job `gen` until none is left.
+    void work(uint64_t gen, int thread);
 
+    // ticket: generation (24 bits) | task count (20 bits) | next task (20 bits).
+    static constexpr int kIdxBits = 20;
     std::vector<std::thread> workers_;
-    alignas(64) std::atomic<uint32_t> generation_{0};
-    alignas(64) std::atomic<int> next_{0};
-    alignas(64) std::atomic<int> done_{0};
+    alignas(64) std::atomic<uint64_t> ticket_{0};
+    alignas(64) std::atomic<int> finished_{0};
     std::atomic<int> sleeping_{0};
     std::atomic<bool> stop_{false};
-    int n_tasks_ = 0;
+    std::mutex sleep_mu_;
+    std::condition_variable sleep_cv_;
     Fn fn_ = nullptr;
     void* ctx_ = nullptr;
+    uint64_t gen_ = 0;
 };
 
 }  // namespace tmc::cpu

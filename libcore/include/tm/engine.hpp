@@ -38,6 +38,7 @@ struct EngineOptions {
     int64_t cache_bytes = 0;       // KV pool size in bytes; 0: the backend's default
     int max_batch_tokens = 0;      // tokens per step (decode + prefill chunks); 0: 512
     int max_batch_size = 0;        // sequences per step; 0: 256
+    int quant_policy = -1;         // KV cache: 0 (16/32-bit), 8 (int8), 4 (int4); -1: config.ini's
     std::string chat_template;     // built-in name or template text; empty: the tokenizer's
     std::function<void(const std::string&)> log;  // notices (e.g. the backend chosen); default: none
 };
