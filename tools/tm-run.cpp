@@ -376,14 +376,13 @@ int run_chat(tmc::Engine& engine, const tmc::SamplingParams& params, bool verbos
         g_interrupt = false;
         bool cancelled = false;
         for (;;) {
-            auto r = stream.next_for(o, std::chrono::milliseconds(20));
-            if (!r) {
-                if (g_interrupt.exchange(false) && !cancelled) {
-                    engine.cancel(stream.id());
-                    cancelled = true;
-                }
-                continue;
+            // Checked on every output too: tokens can arrive faster than the timeout.
+            if (g_interrupt.exchange(false) && !cancelled) {
+                engine.cancel(stream.id());
+                cancelled = true;
             }
+            auto r = stream.next_for(o, std::chrono::milliseconds(20));
+            if (!r) continue;
             if (!*r) break;
             std::fwrite(o.text.data(), 1, o.text.size(), stdout);
             std::fflush(stdout);

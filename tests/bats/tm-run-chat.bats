@@ -22,7 +22,7 @@ start() {  # start [tm-run options...]  (MODEL: default the tinytech workspace)
         "'$TM_BIN/tm-run' '${MODEL:-$WS}' $* 2> '$T/err'; echo EXIT=\$? > '$T/exit'; sleep 30"
 }
 
-screen() { tmux -L "$SOCK" capture-pane -p -t chat -S -200; }
+screen() { tmux -L "$SOCK" capture-pane -p -t chat -S -; }
 
 wait_for() {  # wait_for GREP_PATTERN [what: screen|err|exit]
     local src=${2:-screen}
@@ -78,7 +78,11 @@ type_line() { tmux -L "$SOCK" send-keys -t chat -l "$1"; tmux -L "$SOCK" send-ke
     type_line "Thanks."
     sleep 1
     tmux -L "$SOCK" send-keys -t chat C-c
-    wait_for '(stopped)'
+    for _ in $(seq 1 300); do
+        [ "$(screen | grep -c '(stopped)')" -lt 2 ] || break
+        sleep 0.1
+    done
+    [ "$(screen | grep -c '(stopped)')" -eq 2 ]
     # Ctrl-C at the prompt discards the line; Ctrl-D quits.
     wait_for '^>>>$'
     tmux -L "$SOCK" send-keys -t chat -l "half a line"

@@ -191,3 +191,17 @@ assert o[3]["text"] == o[4]["text"]
     assert_line --regexp '^\[[0-9]+ prompt tokens, 0 from the session cache'
     assert_line --regexp '^\[[0-9]+ prompt tokens, [1-9][0-9]* from the session cache'
 }
+
+@test "--quant-policy 8 and 4: perplexity within 1% and 5% of the unquantized cache" {
+    head -c 65536 "$SHARED/text/eval.txt" > "$T/eval.txt"
+    tm-run "$WS" --ppl "$T/eval.txt" > "$T/fp.jsonl"
+    want=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["perplexity"])' "$T/fp.jsonl")
+    tm-run "$WS" --quant-policy 8 --ppl "$T/eval.txt" > "$T/q8.jsonl"
+    run python3 "$PY" ppl "$T/q8.jsonl" "$want" 0.01
+    assert_success
+    tm-run "$WS" --quant-policy 4 --ppl "$T/eval.txt" > "$T/q4.jsonl"
+    run python3 "$PY" ppl "$T/q4.jsonl" "$want" 0.05
+    assert_success
+    run tm-run "$WS" --quant-policy 3 --ppl "$T/eval.txt"
+    assert_failure 2
+}
