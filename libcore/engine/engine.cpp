@@ -286,23 +286,30 @@ const ModelConfig& Engine::model() const { return impl_->cfg; }
 std::string Engine::backend_name() const { return impl_->backend->name(); }
 int Engine::session_len() const { return impl_->max_ctx; }
 
+namespace {
+// The template and its options; throws when the model has none.
+const ChatTemplate& chat_template(const Engine::Impl& im, bool add_generation_prompt, ChatRenderOptions* o);
+}  // namespace
+
 std::string Engine::render_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
-    if (!impl_->tpl) throw Error("the model has no chat template; choose one (--chat-template)");
     ChatRenderOptions o;
-    o.add_generation_prompt = add_generation_prompt;
-    o.bos_token = impl_->tok->bos_token();
-    o.eos_token = impl_->tok->eos_token();
-    return impl_->tpl->render(messages, o);
+    return chat_template(*impl_, add_generation_prompt, &o).render(messages, o);
 }
 
 std::string Engine::render_chat_json(const std::string& messages_json, bool add_generation_prompt) const {
-    if (!impl_->tpl) throw Error("the model has no chat template; choose one (--chat-template)");
     ChatRenderOptions o;
-    o.add_generation_prompt = add_generation_prompt;
-    o.bos_token = impl_->tok->bos_token();
-    o.eos_token = impl_->tok->eos_token();
-    return impl_->tpl->render_json(messages_json, o);
+    return chat_template(*impl_, add_generation_prompt, &o).render_json(messages_json, o);
 }
+
+namespace {
+const ChatTemplate& chat_template(const Engine::Impl& im, bool add_generation_prompt, ChatRenderOptions* o) {
+    if (!im.tpl) throw Error("the model has no chat template; choose one (--chat-template)");
+    o->add_generation_prompt = add_generation_prompt;
+    o->bos_token = im.tok->bos_token();
+    o->eos_token = im.tok->eos_token();
+    return *im.tpl;
+}
+}  // namespace
 
 std::vector<int> Engine::encode_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
     // The template writes BOS itself where the model wants it.

@@ -1,6 +1,8 @@
 // The CUDA backend and its kernels against the CPU reference, on the GPU
-// machine (make test-gpu). Fresh random inputs each run; outputs poisoned
-// before each launch; CUDA errors checked after every launch.
+// machine (make test-gpu): kernels/elementwise.cu (embedding, RMSNorm,
+// SiLU-mul), kernels/rope_cache.cu and kernels/paged_attention.cu (both
+// variants), then the whole forward pass. Fresh random inputs each run;
+// outputs poisoned before each launch; CUDA errors checked after every launch.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -88,6 +90,22 @@ TEST(Kernels, RmsnormMatchesCpu) {
         }
         cudaFree(dx), cudaFree(dw), cudaFree(out), cudaFree(drows);
     }
+}
+
+TEST(Kernels, EmbeddingGathersRows) {
+    const int V = 1000, H = 4100;
+    auto emb = to_bf16(randn(size_t(V) * H));
+    std::vector<int> toks = {999, 0, 17, 17, 512};
+    uint16_t* de = dev(emb);
+    int* dt = dev(toks);
+    float* x = poisoned<float>(toks.size() * H);
+    tmc::cuda::embedding(tmc::cuda::Dt::BF16, de, dt, int(toks.size()), H, x, 0);
+    CK(cudaGetLastError());
+    auto got = host(x, toks.size() * H);
+    for (size_t t = 0; t < toks.size(); ++t)
+        for (int i = 0; i < H; ++i)
+            ASSERT_EQ(got[t * H + size_t(i)], tmc::bf16_to_f32(emb[size_t(toks[t]) * H + size_t(i)])) << t << " " << i;
+    cudaFree(de), cudaFree(dt), cudaFree(x);
 }
 
 TEST(Kernels, SiluMulMatchesCpu) {
