@@ -66,9 +66,18 @@ public:
     virtual size_t default_kv_bytes(double fraction, int max_batch_tokens) const = 0;
 };
 
+// Sees the activations of a forward pass (calibration). Called on the
+// engine thread, layer by layer, with T rows of `width` floats `ld` apart.
+struct ForwardObserver {
+    enum Point { AttnIn, K, V, WoIn, FfnIn, W2In };
+    virtual ~ForwardObserver() = default;
+    virtual void observe(int layer, Point p, const float* rows, int T, size_t ld, int width) = 0;
+};
+
 struct CpuBackendOptions {
     int threads = 0;   // 0: all cores
     int kv_quant = 0;  // quant_policy: 0 (fp32 cache), 8 (int8) or 4 (int4), per token and head
+    ForwardObserver* observer = nullptr;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);

@@ -2,6 +2,7 @@
 // reference, batch invariance, sessions, preemption under a small KV pool,
 // cancellation, seeds, stop conditions, errors. Plus BlockManager and Sampler.
 #include "tm/engine.hpp"
+#include "tm/calib.hpp"
 
 #include <simdjson.h>
 
@@ -365,6 +366,29 @@ TEST(Engine, OpensAHuggingFaceDirectory) {
     auto e = tmc::Engine::open(tmtest::shared_dir() + "/models/random-qwen3", cpu_opts());
     auto res = run(*e, greedy({785, 3974, 13876, 38835}, 4));
     EXPECT_EQ(res.ids, (std::vector<int>{67113, 15497, 128024, 128024}));
+}
+
+}  // namespace
+
+namespace {
+
+TEST(CalibStats, RoundTripAndDamage) {
+    tmc::CalibStats s;
+    s.workspace_id = "0123456789abcdef";
+    s.model = "m";
+    s.layers = 1, s.kv_heads = 2, s.head_dim = 4, s.hidden = 8, s.q_size = 8, s.intermediate = 16;
+    s.samples = 3, s.seqlen = 10, s.tokens = 30, s.dataset = "d.txt";
+    s.arrays.push_back({"layers.0.k.min", {2, 4}, {1, 2, 3, 4, 5, 6, 7, 8}});
+    s.arrays.push_back({"layers.0.k.max", {2, 4}, {9, 8, 7, 6, 5, 4, 3, 2}});
+    const std::string bytes = tmc::calib_stats_bytes(s);
+    tmc::CalibStats r = tmc::parse_calib_stats(bytes, "x");
+    EXPECT_EQ(r.workspace_id, s.workspace_id);
+    EXPECT_EQ(r.tokens, 30);
+    ASSERT_NE(r.find("layers.0.k.max"), nullptr);
+    EXPECT_EQ(r.find("layers.0.k.max")->data, s.arrays[1].data);
+    EXPECT_THROW(tmc::parse_calib_stats(bytes.substr(0, bytes.size() / 2), "x"), tmc::Error);
+    EXPECT_THROW(tmc::parse_calib_stats("", "x"), tmc::Error);
+    EXPECT_THROW(tmc::parse_calib_stats("not zstd at all", "x"), tmc::Error);
 }
 
 }  // namespace

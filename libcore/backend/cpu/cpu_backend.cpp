@@ -76,6 +76,7 @@ private:
     // Quantized cache (quant_policy 8 or 4), per layer within a block: K
     // transposed [kv_size][block_size] codes, V [block_size][kv_size] codes,
     // then K scale, K min, V scale, V min, each [kv_heads][block_size] floats.
+    ForwardObserver* obs_ = nullptr;
     int kvq_ = 0;
     struct QLayout {
         size_t k_row = 0, v_row = 0, v_off = 0, ks_off = 0, km_off = 0, vs_off = 0, vm_off = 0, layer_bytes = 0;
@@ -119,6 +120,7 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
         throw Error(ws.dir() + ": unsupported head grouping");
     wtype_ = cfg_.weight_dtype == DType::BF16 ? cpu::kWeightBF16 : cpu::kWeightF16;
     kvq_ = opt.kv_quant;
+    obs_ = opt.observer;
     if (kvq_ != 0 && kvq_ != 4 && kvq_ != 8) throw Error("quant_policy must be 0, 4 or 8");
     if (kvq_ == 4 && cfg_.head_dim % 2) throw Error(ws.dir() + ": an int4 KV cache needs an even head_dim");
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
@@ -350,6 +352,7 @@ float* CpuBackend::forward(const BatchPlan& plan) {
         rows(T, [&](int r) {
             k_.rmsnorm(x_.data() + size_t(r) * H, Ly.attn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
         });
+        if (obs_) obs_->observe(int(l), ForwardObserver::AttnIn, h_.data(), T, H, int(H));
         gemm(Ly.wqkv, h_.data(), H, T, qkv_.data(), qkv_ld, false);
         // Bias, q/k norm, RoPE; K and V into the paged cache.
         const size_t layer_off = l * 2 * bs * kvs;
@@ -386,16 +389,23 @@ float* CpuBackend::forward(const BatchPlan& plan) {
             for (size_t i = 0; i < kvs; ++i) kt[i * bs] = k[i];
             std::memcpy(slot + bs * kvs, v, kvs * 4);
         });
+        if (obs_) {
+            obs_->observe(int(l), ForwardObserver::K, qkv_.data() + qs, T, qkv_ld, int(kvs));
+            obs_->observe(int(l), ForwardObserver::V, qkv_.data() + qs + kvs, T, qkv_ld, int(kvs));
+        }
         attention_layer(plan, int(l), T);
+        if (obs_) obs_->observe(int(l), ForwardObserver::WoIn, attn_.data(), T, qs, int(qs));
         gemm(Ly.wo, attn_.data(), qs, T, x_.data(), H, true);
         rows(T, [&](int r) {
             k_.rmsnorm(x_.data() + size_t(r) * H, Ly.ffn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
         });
+        if (obs_) obs_->observe(int(l), ForwardObserver::FfnIn, h_.data(), T, H, int(H));
         gemm(Ly.w13, h_.data(), H, T, gu_.data(), 2 * I, false);
         rows(T, [&](int r) {
             const float* g = gu_.data() + size_t(r) * 2 * I;
             k_.silu_mul(g, g + I, act_.data() + size_t(r) * I, int(I));
         });
+        if (obs_) obs_->observe(int(l), ForwardObserver::W2In, act_.data(), T, I, int(I));
         gemm(Ly.w2, act_.data(), I, T, x_.data(), H, true);
     }
     if (L == 0) {
