@@ -124,6 +124,7 @@ struct Engine::Impl {
     std::vector<Slot> slots;
     std::vector<int> lp_index, lp_target;
     std::vector<float> lp_out;
+    std::vector<float*> lp_dest;
     std::thread thread;
 
     void loop();
@@ -678,34 +679,25 @@ void Engine::Impl::step() {
     float* logits = backend->forward(plan);
     ++st.steps;
     const size_t V = size_t(cfg.vocab_size);
-    // Prompt log-probabilities.
+    // Prompt log-probabilities: rows at position p score prompt token p + 1.
     lp_index.clear();
     lp_target.clear();
+    lp_dest.clear();
     for (auto& sl : slots) {
         Req& r = *sl.r;
         if (!r.req.sampling.prompt_logprobs) continue;
         for (int j = 0; j < sl.n_logits; ++j) {
-            int row = plan.logit_rows[size_t(sl.logit_begin + j)];
-            int pos = plan.positions[size_t(row)];
-            if (pos < r.prompt_len - 1) {
-                lp_index.push_back(sl.logit_begin + j);
-                lp_target.push_back(r.seq.tokens[size_t(pos) + 1]);
-            }
+            const int pos = plan.positions[size_t(plan.logit_rows[size_t(sl.logit_begin + j)])];
+            if (pos >= r.prompt_len - 1) continue;
+            lp_index.push_back(sl.logit_begin + j);
+            lp_target.push_back(r.seq.tokens[size_t(pos) + 1]);
+            lp_dest.push_back(&r.prompt_lp[size_t(pos)]);
         }
     }
     if (!lp_index.empty()) {
         lp_out.resize(lp_index.size());
         backend->token_logprobs(lp_index.data(), lp_target.data(), int(lp_index.size()), lp_out.data());
-        size_t k = 0;
-        for (auto& sl : slots) {
-            Req& r = *sl.r;
-            if (!r.req.sampling.prompt_logprobs) continue;
-            for (int j = 0; j < sl.n_logits; ++j) {
-                int row = plan.logit_rows[size_t(sl.logit_begin + j)];
-                int pos = plan.positions[size_t(row)];
-                if (pos < r.prompt_len - 1) r.prompt_lp[size_t(pos)] = lp_out[k++];
-            }
-        }
+        for (size_t k = 0; k < lp_dest.size(); ++k) *lp_dest[k] = lp_out[k];
     }
     std::vector<Req*> done;
     for (auto& sl : slots) {

@@ -281,13 +281,24 @@ void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
         const int r = task / nkv, kh = task % nkv;
         const BatchPlan::Seq& s = plan.seqs[size_t(row_seq_[size_t(r)])];
         const int pos = plan.positions[size_t(r)];
+        // What both cache formats share: this row's heads, its context, buffers.
+        auto common = [&](auto& a) {
+            a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
+            a.group = group;
+            a.head_dim = hd;
+            a.block_table = s.blocks;
+            a.block_size = lim_.block_size;
+            a.ctx_end = pos + 1;
+            a.ctx_begin = cfg_.sliding_window > 0 ? std::max(0, pos + 1 - cfg_.sliding_window) : 0;
+            a.scale = scale;
+            a.out = attn_.data() + size_t(r) * size_t(cfg_.q_size()) + size_t(kh * group * hd);
+            a.scratch = scratch_.data() + size_t(thread) * scratch_per;
+        };
         if (kvq_) {
             const size_t bs = size_t(lim_.block_size);
             const uint8_t* lb = kv_bytes_.get() + size_t(layer) * ql_.layer_bytes;
             cpu::AttnQArgs a;
-            a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
-            a.group = group;
-            a.head_dim = hd;
+            common(a);
             a.bits = kvq_;
             a.k_base = lb + size_t(kh * hd) * ql_.k_row;
             a.v_base = lb + ql_.v_off + size_t(kh * hd) * size_t(kvq_) / 8;
@@ -299,32 +310,16 @@ void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
             a.v_scale = reinterpret_cast<const float*>(lb + ql_.vs_off) + size_t(kh) * bs;
             a.v_min = reinterpret_cast<const float*>(lb + ql_.vm_off) + size_t(kh) * bs;
             a.param_stride = block_bytes_ / 4;
-            a.block_table = s.blocks;
-            a.block_size = lim_.block_size;
-            a.ctx_end = pos + 1;
-            a.ctx_begin = cfg_.sliding_window > 0 ? std::max(0, pos + 1 - cfg_.sliding_window) : 0;
-            a.scale = scale;
-            a.out = attn_.data() + size_t(r) * size_t(cfg_.q_size()) + size_t(kh * group * hd);
-            a.scratch = scratch_.data() + size_t(thread) * scratch_per;
             k_.attention_q(a);
-            return;
+        } else {
+            cpu::AttnArgs a;
+            common(a);
+            a.k_base = kv_ + layer_off + size_t(kh * hd) * size_t(lim_.block_size);
+            a.v_base = kv_ + layer_off + size_t(lim_.block_size) * kvs + size_t(kh * hd);
+            a.block_stride = block_stride_;
+            a.slot_stride = kvs;
+            k_.attention(a);
         }
-        cpu::AttnArgs a;
-        a.q = qkv_.data() + size_t(r) * qkv_ld + size_t(kh * group * hd);
-        a.group = group;
-        a.head_dim = hd;
-        a.k_base = kv_ + layer_off + size_t(kh * hd) * size_t(lim_.block_size);
-        a.v_base = kv_ + layer_off + size_t(lim_.block_size) * kvs + size_t(kh * hd);
-        a.block_stride = block_stride_;
-        a.slot_stride = kvs;
-        a.block_table = s.blocks;
-        a.block_size = lim_.block_size;
-        a.ctx_end = pos + 1;
-        a.ctx_begin = cfg_.sliding_window > 0 ? std::max(0, pos + 1 - cfg_.sliding_window) : 0;
-        a.scale = scale;
-        a.out = attn_.data() + size_t(r) * size_t(cfg_.q_size()) + size_t(kh * group * hd);
-        a.scratch = scratch_.data() + size_t(thread) * scratch_per;
-        k_.attention(a);
     });
 }
 
