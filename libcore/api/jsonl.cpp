@@ -5,14 +5,12 @@
 #include <cmath>
 #include <set>
 
+#include "api/request_fields.hpp"
 #include "tm/error.hpp"
 
 namespace tmc {
 
-namespace {
-
-using simdjson::dom::element;
-using simdjson::dom::object;
+namespace api {
 
 [[noreturn]] void bad(const std::string& field, const std::string& what) {
     throw Error("\"" + field + "\" must be " + what);
@@ -58,72 +56,46 @@ std::string content_text(element c, const std::string& f) {
     return out;
 }
 
-}  // namespace
-
-JsonlRequest parse_jsonl_request(std::string_view line, const Engine& engine, const SamplingParams& defaults,
-                                 std::string* id_json) {
-    static thread_local simdjson::dom::parser parser;
-    simdjson::padded_string text(line);
-    element root;
-    auto err = parser.parse(text).get(root);
-    if (err == simdjson::UTF8_ERROR) throw Error("invalid UTF-8");
-    if (err) throw Error(std::string("invalid JSON: ") + simdjson::error_message(err));
-    object obj;
-    if (root.get(obj)) throw Error("expected a JSON object");
-    JsonlRequest out;
-    element idv;
-    if (!obj["id"].get(idv)) {
-        if (!idv.is_string() && !idv.is_int64() && !idv.is_uint64()) bad("id", "a string or an integer");
-        out.id_json = std::string(simdjson::minify(idv));
-        if (id_json) *id_json = out.id_json;
-    }
-    static const std::set<std::string_view> known = {
-        "id", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-        "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
-        "session_id", "ignore_eos", "return_token_ids", "skip_special_tokens", "model", "user"};
-    for (auto [key, v] : obj) {
-        (void)v;
-        if (!known.count(key)) throw Error("unknown field \"" + std::string(key) + "\"");
-    }
-    Request& req = out.request;
-    SamplingParams& p = req.sampling;
-    p = defaults;
-    element e, pe, me;
-    const bool has_prompt = !obj["prompt"].get(pe), has_messages = !obj["messages"].get(me);
-    if (has_prompt == has_messages) throw Error("give exactly one of \"prompt\" and \"messages\"");
-    if (has_prompt) {
-        std::string_view s;
-        simdjson::dom::array ids;
-        if (!pe.get(s)) {
-            req.prompt = engine.tokenizer().encode(s, true);
-        } else if (!pe.get(ids)) {  // token ids, as OpenAI's completions API allows
-            for (element x : ids) {
-                int64_t v = integer(x, "prompt", "a string or an array of token ids");
-                if (v < 0 || v >= engine.model().vocab_size) bad("prompt", "an array of token ids in the vocabulary");
-                req.prompt.push_back(int(v));
-            }
-            if (req.prompt.empty()) throw Error("\"prompt\" is empty");
-        } else {
-            bad("prompt", "a string or an array of token ids");
+std::vector<int> read_prompt(element pe, const Engine& engine) {
+    std::vector<int> prompt;
+    std::string_view s;
+    simdjson::dom::array ids;
+    if (!pe.get(s)) {
+        prompt = engine.tokenizer().encode(s, true);
+    } else if (!pe.get(ids)) {  // token ids, as OpenAI's completions API allows
+        for (element x : ids) {
+            int64_t v = integer(x, "prompt", "a string or an array of token ids");
+            if (v < 0 || v >= engine.model().vocab_size) bad("prompt", "an array of token ids in the vocabulary");
+            prompt.push_back(int(v));
         }
+        if (prompt.empty()) throw Error("\"prompt\" is empty");
     } else {
-        simdjson::dom::array msgs;
-        if (me.get(msgs)) bad("messages", "an array of messages");
-        if (msgs.size() == 0) throw Error("\"messages\" is empty");
-        std::vector<ChatMessage> list;
-        size_t k = 0;
-        for (element m : msgs) {
-            const std::string f = "messages[" + std::to_string(k++) + "]";
-            object mo;
-            if (m.get(mo)) bad(f, "an object");
-            std::string_view role;
-            element c;
-            if (mo["role"].get(role)) bad(f + ".role", "a string");
-            if (mo["content"].get(c)) throw Error("missing \"" + f + ".content\"");
-            list.push_back({std::string(role), content_text(c, f + ".content")});
-        }
-        req.prompt = engine.tokenizer().encode(engine.render_chat(list, true), false);
+        bad("prompt", "a string or an array of token ids");
     }
+    return prompt;
+}
+
+std::vector<ChatMessage> read_messages(element me) {
+    simdjson::dom::array msgs;
+    if (me.get(msgs)) bad("messages", "an array of messages");
+    if (msgs.size() == 0) throw Error("\"messages\" is empty");
+    std::vector<ChatMessage> list;
+    size_t k = 0;
+    for (element m : msgs) {
+        const std::string f = "messages[" + std::to_string(k++) + "]";
+        object mo;
+        if (m.get(mo)) bad(f, "an object");
+        std::string_view role;
+        element c;
+        if (mo["role"].get(role)) bad(f + ".role", "a string");
+        if (mo["content"].get(c)) throw Error("missing \"" + f + ".content\"");
+        list.push_back({std::string(role), content_text(c, f + ".content")});
+    }
+    return list;
+}
+
+void read_sampling(object obj, const Engine& engine, SamplingParams& p) {
+    element e;
     const char* pos_int = "a positive integer";
     if (!obj["max_tokens"].get(e) || !obj["max_completion_tokens"].get(e)) {
         int64_t v = integer(e, obj["max_tokens"].error() ? "max_completion_tokens" : "max_tokens", pos_int);
@@ -174,13 +146,57 @@ JsonlRequest parse_jsonl_request(std::string_view line, const Engine& engine, co
             p.stop_token_ids.push_back(int(v));
         }
     }
+    if (!obj["ignore_eos"].get(e)) p.ignore_eos = boolean(e, "ignore_eos");
+    if (!obj["skip_special_tokens"].get(e)) p.skip_special_tokens = boolean(e, "skip_special_tokens");
+}
+
+}  // namespace api
+
+using api::bad;
+using api::boolean;
+using api::integer;
+using simdjson::dom::element;
+using simdjson::dom::object;
+
+JsonlRequest parse_jsonl_request(std::string_view line, const Engine& engine, const SamplingParams& defaults,
+                                 std::string* id_json) {
+    static thread_local simdjson::dom::parser parser;
+    simdjson::padded_string text(line);
+    element root;
+    auto err = parser.parse(text).get(root);
+    if (err == simdjson::UTF8_ERROR) throw Error("invalid UTF-8");
+    if (err) throw Error(std::string("invalid JSON: ") + simdjson::error_message(err));
+    object obj;
+    if (root.get(obj)) throw Error("expected a JSON object");
+    JsonlRequest out;
+    element idv;
+    if (!obj["id"].get(idv)) {
+        if (!idv.is_string() && !idv.is_int64() && !idv.is_uint64()) bad("id", "a string or an integer");
+        out.id_json = std::string(simdjson::minify(idv));
+        if (id_json) *id_json = out.id_json;
+    }
+    static const std::set<std::string_view> known = {
+        "id", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+        "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
+        "session_id", "ignore_eos", "return_token_ids", "skip_special_tokens", "model", "user"};
+    for (auto [key, v] : obj) {
+        (void)v;
+        if (!known.count(key)) throw Error("unknown field \"" + std::string(key) + "\"");
+    }
+    Request& req = out.request;
+    SamplingParams& p = req.sampling;
+    p = defaults;
+    element e, pe, me;
+    const bool has_prompt = !obj["prompt"].get(pe), has_messages = !obj["messages"].get(me);
+    if (has_prompt == has_messages) throw Error("give exactly one of \"prompt\" and \"messages\"");
+    if (has_prompt) req.prompt = api::read_prompt(pe, engine);
+    else req.prompt = engine.tokenizer().encode(engine.render_chat(api::read_messages(me), true), false);
+    api::read_sampling(obj, engine, p);
     if (!obj["session_id"].get(e) && !e.is_null()) {
         int64_t v = integer(e, "session_id", "a non-negative integer");
         if (v < 0) bad("session_id", "a non-negative integer");
         req.session_id = uint64_t(v);
     }
-    if (!obj["ignore_eos"].get(e)) p.ignore_eos = boolean(e, "ignore_eos");
-    if (!obj["skip_special_tokens"].get(e)) p.skip_special_tokens = boolean(e, "skip_special_tokens");
     if (!obj["return_token_ids"].get(e)) out.return_token_ids = boolean(e, "return_token_ids");
     if (!obj["model"].get(e) && !e.is_string()) bad("model", "a string");
     return out;

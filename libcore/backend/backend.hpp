@@ -76,7 +76,10 @@ struct ForwardObserver {
 
 struct CpuBackendOptions {
     int threads = 0;   // 0: all cores
-    int kv_quant = 0;  // quant_policy: 0 (fp32 cache), 8 (int8) or 4 (int4), per token and head
+    int kv_quant = 0;  // quant_policy: 0 (fp32 cache), 8 (int8) or 4 (int4)
+    // Static scales, [layers][4][kv_heads] (K scale, K offset, V scale, V
+    // offset; tm/qparams.hpp); empty: computed per token and head.
+    std::vector<float> kv_params;
     ForwardObserver* observer = nullptr;
 };
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <list>
 #include <random>
@@ -19,6 +20,7 @@
 #include "engine/sampler.hpp"
 #include "tm/device.hpp"
 #include "tm/error.hpp"
+#include "tm/qparams.hpp"
 #include "tm/workspace.hpp"
 
 namespace tmc {
@@ -61,6 +63,7 @@ struct Req {
     std::vector<int> new_ids;     // since the last output
     std::string new_text;
     std::vector<float> prompt_lp;
+    std::vector<TokenLogprob> new_lp;  // with new_ids, when sampling.logprobs >= 0
     Clock::time_point t_submit, t_first;
     bool got_first = false;
     FinishReason done = FinishReason::None;  // set when a stop condition hit; finish() follows
@@ -124,6 +127,7 @@ struct Engine::Impl {
     std::vector<Slot> slots;
     std::vector<int> lp_index, lp_target;
     std::vector<float> lp_out;
+    std::vector<float> lp_row;
     std::vector<float*> lp_dest;
     std::thread thread;
 
@@ -141,11 +145,56 @@ struct Engine::Impl {
     void publish();
 };
 
+namespace {
+
+// log-softmax of one logits row at `tok`, and its `n` most likely tokens.
+TokenLogprob token_logprob(const std::vector<float>& row, int tok, int n) {
+    float mx = -INFINITY;
+    for (float x : row) mx = std::max(mx, x);
+    double sum = 0;
+    for (float x : row) sum += std::exp(double(x - mx));
+    const float lse = mx + float(std::log(sum));
+    TokenLogprob t;
+    t.token = tok;
+    t.logprob = row[size_t(tok)] - lse;
+    n = std::min<int>(n, int(row.size()));
+    if (n > 0) {
+        std::vector<int> idx(row.size());
+        for (size_t i = 0; i < idx.size(); ++i) idx[i] = int(i);
+        std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), [&](int a, int b) {
+            return row[size_t(a)] > row[size_t(b)] || (row[size_t(a)] == row[size_t(b)] && a < b);
+        });
+        for (int i = 0; i < n; ++i) t.top.emplace_back(idx[size_t(i)], row[size_t(idx[size_t(i)])] - lse);
+    }
+    return t;
+}
+
+}  // namespace
+
 // ------------------------------------------------------------------ open
 
 namespace {
 
 bool is_workspace(const std::string& path) { return path_exists(path + "/manifest.json"); }
+
+// tm-qparams' scales for rank 0 (formats/workspace.md), [layers][4][kv_heads].
+std::vector<float> static_kv_params(const Workspace& ws, int bits) {
+    const std::string rel = kv_qparams_path(0, bits);
+    if (!ws.has_file(rel))
+        throw Error(ws.dir() + ": kv_scales = static but the workspace has no int" + std::to_string(bits) +
+                    " scales (run tm-qparams " + ws.dir() + " --kv int" + std::to_string(bits) +
+                    ", or set kv_scales = online)");
+    WeightView v = ws.tensor_at(rel);
+    const ModelConfig& m = ws.model();
+    if (v.dtype != DType::F32 || v.shape != std::vector<int64_t>{m.num_layers, 4, m.num_kv_heads})
+        throw Error(ws.dir() + "/" + rel + ": not [layers, 4, kv_heads] fp32");
+    const float* f = static_cast<const float*>(v.data);
+    std::vector<float> out(f, f + v.numel());
+    for (size_t i = 0; i < out.size(); ++i)
+        if (!std::isfinite(out[i]) || ((i / size_t(m.num_kv_heads)) % 2 == 0 && !(out[i] > 0)))
+            throw Error(ws.dir() + "/" + rel + ": a scale is not a positive finite number");
+    return out;
+}
 
 // A scratch directory removed when the engine has mapped what it needs.
 struct TempDir {
@@ -220,6 +269,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         CpuBackendOptions co;
         co.threads = opt.threads;
         co.kv_quant = kv_quant;
+        if (kv_quant != 0 && im->ws->engine().kv_static) co.kv_params = static_kv_params(*im->ws, kv_quant);
         im->backend = make_cpu_backend(*im->ws, co);
     }
 
@@ -339,6 +389,7 @@ void validate(const Request& r, const ModelConfig& cfg) {
         throw Error("presence_penalty must be in [-2, 2]");
     if (!finite(p.frequency_penalty) || p.frequency_penalty < -2 || p.frequency_penalty > 2)
         throw Error("frequency_penalty must be in [-2, 2]");
+    if (p.logprobs < -1 || p.logprobs > 20) throw Error("top_logprobs must be in [0, 20]");
     for (int t : p.stop_token_ids)
         if (t < 0 || t >= cfg.vocab_size) throw Error("stop token id " + std::to_string(t) + " is outside the vocabulary");
     for (auto& s : p.stop)
@@ -709,7 +760,10 @@ void Engine::Impl::step() {
             float* row = logits + size_t(sl.logit_begin + sl.n_logits - 1) * V;
             std::span<const int> prompt(r.seq.tokens.data(), size_t(r.prompt_len));
             std::span<const int> out(r.seq.tokens.data() + r.prompt_len, size_t(r.out_count()));
+            const int nlp = r.req.sampling.logprobs;
+            if (nlp >= 0) lp_row.assign(row, row + V);  // sampling modifies the row
             int tok = sampler->sample(row, r.req.sampling, prompt, out, r.rng);
+            if (nlp >= 0) r.new_lp.push_back(token_logprob(lp_row, tok, nlp));
             on_token(r, tok);
         } else if (r.seq.computed == int(r.seq.tokens.size())) {
             // Prefill only (max_tokens reached or 0).
@@ -788,6 +842,7 @@ void Engine::Impl::emit(Req& r, bool final, FinishReason why, const std::string&
     Output o;
     o.request_id = r.id;
     o.token_ids.swap(r.new_ids);
+    o.logprobs.swap(r.new_lp);
     o.text.swap(r.new_text);
     o.finished = final;
     o.finish_reason = final ? why : FinishReason::None;

@@ -141,10 +141,18 @@ bool Workspace::has_tensor(int rank, const std::string& name) const {
 
 WeightView Workspace::tensor(int rank, const std::string& name) const {
     const std::string rel = tensor_path(rank, name);
-    auto it = by_path_.find(rel);
-    if (it == by_path_.end() || !it->second->is_tensor)
+    if (!by_path_.count(rel))
         throw Error(dir_ + "/" + rel + ": tensor " + name + " of rank " + std::to_string(rank) +
                     " is not in the manifest");
+    return tensor_at(rel);
+}
+
+bool Workspace::has_file(const std::string& rel) const { return by_path_.count(rel) != 0; }
+
+WeightView Workspace::tensor_at(const std::string& rel) const {
+    auto it = by_path_.find(rel);
+    if (it == by_path_.end() || !it->second->is_tensor)
+        throw Error(dir_ + "/" + rel + ": not a tensor of the manifest");
     std::lock_guard<std::mutex> lk(mu_);
     auto& mf = maps_[rel];
     if (!mf) {

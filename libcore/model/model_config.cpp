@@ -211,6 +211,8 @@ std::string config_ini_text(const ModelConfig& m, const EngineConfig& e) {
       << "tp = " << e.tp << "\n"
       << "# KV cache: 0 = 16-bit, 8 = int8, 4 = int4 (tm-qparams sets it).\n"
       << "quant_policy = " << e.quant_policy << "\n"
+      << "# With quant_policy 4 or 8: online (per token and head) or static (tm-qparams' scales).\n"
+      << "kv_scales = " << (e.kv_static ? "static" : "online") << "\n"
       << "# Longest session in tokens; 0 = max_position_embeddings.\n"
       << "session_len = " << e.session_len << "\n"
       << "# Tokens per KV cache block.\n"
@@ -319,6 +321,9 @@ void parse_config_ini(const std::string& text, const std::string& path, ModelCon
                 e->quant_policy = as_int(0, 8);
                 if (e->quant_policy != 0 && e->quant_policy != 4 && e->quant_policy != 8)
                     throw Error(where + ": quant_policy must be 0, 4 or 8");
+            } else if (key == "kv_scales") {
+                if (val != "online" && val != "static") throw Error(where + ": kv_scales must be online or static");
+                e->kv_static = val == "static";
             } else if (key == "session_len") e->session_len = as_int(0, big);
             else if (key == "cache_block_seq_len") e->cache_block_seq_len = as_int(1, 65536);
             else if (key == "cache_max_entry_count") e->cache_max_entry_count = as_double(1e-6, 1);

@@ -27,11 +27,23 @@ const CalibArray* CalibStats::find(const std::string& name) const {
     return nullptr;
 }
 
-std::string workspace_id(const std::string& workspace) {
-    std::string m = read_file(workspace + "/manifest.json");
+std::string workspace_id(const Manifest& m) {
+    // Every file but the quantization parameters, which tm-qparams adds and
+    // replaces without changing the model.
+    std::string lines;
     char buf[17];
-    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(XXH64(m.data(), m.size(), 0)));
+    for (auto& e : m.files) {
+        if (e.path.rfind("quant/", 0) == 0) continue;
+        std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(e.xxh64));
+        lines += e.path + " " + buf + "\n";
+    }
+    std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(XXH64(lines.data(), lines.size(), 0)));
     return buf;
+}
+
+std::string workspace_id(const std::string& workspace) {
+    const std::string path = workspace + "/manifest.json";
+    return workspace_id(Manifest::parse(read_file(path), path));
 }
 
 namespace {

@@ -78,6 +78,7 @@ private:
     // then K scale, K min, V scale, V min, each [kv_heads][block_size] floats.
     ForwardObserver* obs_ = nullptr;
     int kvq_ = 0;
+    std::vector<float> kv_params_;  // static scales, or empty
     struct QLayout {
         size_t k_row = 0, v_row = 0, v_off = 0, ks_off = 0, km_off = 0, vs_off = 0, vm_off = 0, layer_bytes = 0;
     } ql_;
@@ -123,6 +124,9 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     obs_ = opt.observer;
     if (kvq_ != 0 && kvq_ != 4 && kvq_ != 8) throw Error("quant_policy must be 0, 4 or 8");
     if (kvq_ == 4 && cfg_.head_dim % 2) throw Error(ws.dir() + ": an int4 KV cache needs an even head_dim");
+    kv_params_ = opt.kv_params;
+    if (!kv_params_.empty() && kv_params_.size() != size_t(cfg_.num_layers) * 4 * cfg_.num_kv_heads)
+        throw Error(ws.dir() + ": the static KV scales do not match the model");
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
     const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
     emb_ = weight(ws, wname::kEmbedding, V, H);
@@ -236,11 +240,14 @@ void CpuBackend::write_quantized(const float* k, const float* v, int block, int 
     auto code = [&](float x, float sc, float mn) {
         return uint8_t(std::min(qmax, std::max(0.0f, std::nearbyint((x - mn) / sc))));
     };
+    // Static scales: [layer][K scale, K offset, V scale, V offset][head].
+    const float* stat = kv_params_.empty() ? nullptr : kv_params_.data() + size_t(layer) * 4 * nkv;
     for (int h = 0; h < nkv; ++h) {
         const float* kh = k + size_t(h) * hd;
         const float* vh = v + size_t(h) * hd;
         float s, m;
-        params(kh, &s, &m);
+        if (stat) s = stat[h], m = stat[nkv + h];
+        else params(kh, &s, &m);
         ks[h * bs + slot] = s, km[h * bs + slot] = m;
         for (int i = 0; i < hd; ++i) {
             uint8_t* row = lb + size_t(h * hd + i) * ql_.k_row;
@@ -254,7 +261,8 @@ void CpuBackend::write_quantized(const float* k, const float* v, int block, int 
                 __atomic_fetch_or(&row[slot >> 1], uint8_t(c << sh), __ATOMIC_RELAXED);
             }
         }
-        params(vh, &s, &m);
+        if (stat) s = stat[2 * nkv + h], m = stat[3 * nkv + h];
+        else params(vh, &s, &m);
         vs[h * bs + slot] = s, vm[h * bs + slot] = m;
         uint8_t* vrow = lb + ql_.v_off + size_t(slot) * ql_.v_row;
         for (int i = 0; i < hd; ++i) {

@@ -10,6 +10,8 @@
 
 namespace tmc {
 
+struct Manifest;
+
 struct CalibOptions {
     int samples = 128;    // windows of text
     int seqlen = 2048;    // tokens per window (BOS included)
@@ -25,7 +27,7 @@ struct CalibArray {
 
 struct CalibStats {
     int version = 1;
-    std::string workspace_id;  // xxh64 of the workspace's manifest.json, 16 hex digits
+    std::string workspace_id;  // workspace_id() of the workspace, 16 hex digits
     std::string model;
     int layers = 0, kv_heads = 0, head_dim = 0, hidden = 0, q_size = 0, intermediate = 0;
     int samples = 0, seqlen = 0;
@@ -45,7 +47,9 @@ std::string calib_stats_bytes(const CalibStats& s);
 // Throws tmc::Error "<what>: ..." for anything truncated, corrupt or of another version.
 CalibStats parse_calib_stats(const std::string& bytes, const std::string& what);
 
-// The identity calibrate() records for a workspace.
+// The identity calibrate() records for a workspace: XXH64 of the manifest's
+// "path xxh64" lines, files under quant/ left out (formats/calib-stats.md).
 std::string workspace_id(const std::string& workspace);
+std::string workspace_id(const Manifest& m);
 
 }  // namespace tmc

@@ -58,6 +58,16 @@ struct SamplingParams {
     bool ignore_eos = false;
     bool skip_special_tokens = true;
     bool prompt_logprobs = false;  // log p(prompt[i] | prompt[:i]) for i >= 1, in the final Output
+    // >= 0: each generated token's log-probability under the model (before
+    // penalties, temperature and truncation) and this many most likely
+    // alternatives (at most 20); -1: none.
+    int logprobs = -1;
+};
+
+struct TokenLogprob {
+    int token = 0;
+    float logprob = 0;
+    std::vector<std::pair<int, float>> top;  // most likely first
 };
 
 enum class FinishReason { None, Stop, Length, Cancelled, Error };
@@ -72,6 +82,7 @@ struct Usage {
 struct Output {
     uint64_t request_id = 0;
     std::vector<int> token_ids;  // tokens since the previous Output
+    std::vector<TokenLogprob> logprobs;  // one per token_ids entry, when asked
     std::string text;            // text since the previous Output (stop strings held back)
     bool finished = false;
     FinishReason finish_reason = FinishReason::None;

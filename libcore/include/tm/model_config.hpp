@@ -46,6 +46,10 @@ struct EngineConfig {
     int tp = 1;
     // LMDeploy's meaning: 0 = fp16/bf16 KV cache, 8 = int8 KV, 4 = int4 KV.
     int quant_policy = 0;
+    // With quant_policy 4 or 8: false = scales computed per token and head as
+    // K/V are written ("online"); true = the per-layer, per-head scales that
+    // tm-qparams wrote into the workspace ("static").
+    bool kv_static = false;
     int session_len = 0;  // 0: the model's max_position_embeddings
     int cache_block_seq_len = 64;
     // Fraction of free device memory (GPU) given to the KV cache pool.

@@ -79,6 +79,9 @@ public:
     // Maps the file of tensor `name` of `rank` (once; later calls reuse the
     // mapping). Throws tmc::Error if absent or malformed.
     WeightView tensor(int rank, const std::string& name) const;
+    // Any tensor file of the manifest, by its path relative to the workspace.
+    WeightView tensor_at(const std::string& rel) const;
+    bool has_file(const std::string& rel) const;
 
     // Recomputes every file's checksum. Returns one line per problem.
     std::vector<std::string> verify(const std::function<void(size_t done, size_t total)>& progress = {}) const;
