@@ -25,6 +25,7 @@
 #include "tm/error.hpp"
 #include "tm/jsonl.hpp"
 #include "tm/tokenizer.hpp"
+#include "engine_options.hpp"
 #include "tool_main.hpp"
 
 namespace {
@@ -423,26 +424,6 @@ int main(int argc, char** argv) {
         ("stream", "--jsonl: also write delta lines as tokens arrive")
         ("ppl", "perplexity of a text file", cxxopts::value<std::string>())
         ("ppl-chunk", "--ppl: tokens per chunk, BOS included", cxxopts::value<int>()->default_value("512"))
-        ("device", "cpu, cuda or auto", cxxopts::value<std::string>()->default_value("auto"))
-        ("threads", "CPU threads (default: all cores)", cxxopts::value<int>()->default_value("0"))
-        ("session-len", "longest sequence in tokens (default: config.ini / the model's)", cxxopts::value<int>()->default_value("0"))
-        ("cache-tokens", "KV cache size in tokens", cxxopts::value<int64_t>()->default_value("0"))
-        ("cache-mib", "KV cache size in MiB (default: 1024)", cxxopts::value<int64_t>()->default_value("0"))
-        ("max-batch-tokens", "tokens per step, decode and prefill chunks together (default 512)", cxxopts::value<int>()->default_value("0"))
-        ("max-batch-size", "sequences per step (default 256)", cxxopts::value<int>()->default_value("0"))
-        ("quant-policy", "KV cache: 0 (unquantized), 8 (int8), 4 (int4); default: config.ini's", cxxopts::value<int>()->default_value("-1"))
-        ("chat-template", "built-in template name (llama2, llama3, chatml, internlm2, vicuna) or a template file",
-         cxxopts::value<std::string>())
-        ("max-tokens", "default max_tokens", cxxopts::value<int>()->default_value("512"))
-        ("temperature", "default temperature (0: greedy)", cxxopts::value<float>()->default_value("1"))
-        ("top-p", "default top_p", cxxopts::value<float>()->default_value("1"))
-        ("top-k", "default top_k (0: off)", cxxopts::value<int>()->default_value("0"))
-        ("min-p", "default min_p", cxxopts::value<float>()->default_value("0"))
-        ("repetition-penalty", "default repetition_penalty", cxxopts::value<float>()->default_value("1"))
-        ("presence-penalty", "default presence_penalty", cxxopts::value<float>()->default_value("0"))
-        ("frequency-penalty", "default frequency_penalty", cxxopts::value<float>()->default_value("0"))
-        ("seed", "default seed", cxxopts::value<uint64_t>())
-        ("ignore-eos", "default ignore_eos")
         ("v,verbose", "notices on stderr (backend, cache; per-turn token counts in chat)")
         ("tokenizer", "tokenizer modes: tokenizer directory, model directory or workspace", cxxopts::value<std::string>())
         ("encode", "JSON lines {\"text\"} -> {\"ids\"}")
@@ -450,9 +431,13 @@ int main(int argc, char** argv) {
         ("render-chat", "JSON lines {\"messages\"} -> {\"text\", \"ids\"}")
         ("skip-special-tokens", "--decode: leave special tokens out of the text")
         ("h,help", "show this help");
+    tmc::tool::add_engine_options(options);
+    tmc::tool::add_sampling_options(options);
     options.parse_positional({"ws"});
     cxxopts::ParseResult args;
     int token_modes = 0;
+    tmc::EngineOptions eo;
+    tmc::SamplingParams sp;
     try {
         args = options.parse(argc, argv);
         if (args.count("help")) {
@@ -468,10 +453,9 @@ int main(int argc, char** argv) {
         if (!token_modes && !args.count("ws")) throw tmc::tool::UsageError("missing the workspace (WS)");
         if (args.count("jsonl") && args.count("ppl")) throw tmc::tool::UsageError("--jsonl and --ppl do not go together");
         if (args.count("stream") && args.count("ppl")) throw tmc::tool::UsageError("--stream goes with --jsonl");
-        if (args["max-tokens"].as<int>() < 1) throw tmc::tool::UsageError("--max-tokens must be a positive integer");
         if (args["ppl-chunk"].as<int>() < 2) throw tmc::tool::UsageError("--ppl-chunk must be at least 2");
-        for (const char* k : {"threads", "session-len", "max-batch-tokens", "max-batch-size", "top-k"})
-            if (args[k].as<int>() < 0) throw tmc::tool::UsageError(std::string("--") + k + " must not be negative");
+        eo = tmc::tool::engine_options(args);
+        sp = tmc::tool::sampling_defaults(args);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s: error: %s\n%s", kProg, e.what(), kUsage);
         return 2;
@@ -505,38 +489,8 @@ int main(int argc, char** argv) {
             return failed ? 1 : 0;
         }
 
-        tmc::EngineOptions eo;
-        eo.device = args["device"].as<std::string>();
-        eo.threads = args["threads"].as<int>();
-        eo.session_len = args["session-len"].as<int>();
-        eo.cache_tokens = args["cache-tokens"].as<int64_t>();
-        eo.cache_bytes = args["cache-mib"].as<int64_t>() * (int64_t(1) << 20);
-        eo.max_batch_tokens = args["max-batch-tokens"].as<int>();
-        eo.max_batch_size = args["max-batch-size"].as<int>();
-        eo.quant_policy = args["quant-policy"].as<int>();
-        if (eo.quant_policy != -1 && eo.quant_policy != 0 && eo.quant_policy != 4 && eo.quant_policy != 8) {
-            std::fprintf(stderr, "%s: error: --quant-policy must be 0, 4 or 8\n%s", kProg, kUsage);
-            return 2;
-        }
-        if (args.count("chat-template")) eo.chat_template = args["chat-template"].as<std::string>();
         const bool verbose = args.count("verbose") > 0;
         if (verbose) eo.log = [](const std::string& m) { std::fprintf(stderr, "tm-run: %s\n", m.c_str()); };
-        tmc::SamplingParams sp;
-        sp.max_tokens = args["max-tokens"].as<int>();
-        sp.temperature = args["temperature"].as<float>();
-        sp.top_p = args["top-p"].as<float>();
-        sp.top_k = args["top-k"].as<int>();
-        sp.min_p = args["min-p"].as<float>();
-        sp.repetition_penalty = args["repetition-penalty"].as<float>();
-        sp.presence_penalty = args["presence-penalty"].as<float>();
-        sp.frequency_penalty = args["frequency-penalty"].as<float>();
-        if (args.count("seed")) sp.seed = args["seed"].as<uint64_t>();
-        sp.ignore_eos = args.count("ignore-eos") > 0;
-        if (!std::isfinite(sp.temperature) || sp.temperature < 0 || !(sp.top_p > 0 && sp.top_p <= 1) ||
-            !(sp.min_p >= 0 && sp.min_p <= 1) || !(sp.repetition_penalty > 0)) {
-            std::fprintf(stderr, "%s: error: sampling options out of range (see --help)\n%s", kProg, kUsage);
-            return 2;
-        }
         auto engine = tmc::Engine::open(args["ws"].as<std::string>(), eo);
         if (args.count("ppl")) {
             install_sigint(true);
