@@ -8,13 +8,22 @@ libboost-dev libboost-system-dev
 libgtest-dev googletest
 bats bats-assert bats-support
 libpcre2-dev libutf8proc-dev
-mandoc man-db python3 tmux bc"
+mandoc man-db python3 tmux bc curl
+nodejs npm chromium chromium-driver prometheus"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
+# The JavaScript clients of the server tests (openai, playwright-core), from npm.
+npm_deps() {
+    here=$(cd "$(dirname "$0")/.." && pwd)
+    if [ ! -d "$here/tests/node/node_modules/openai" ] || [ ! -d "$here/tests/node/node_modules/playwright-core" ]; then
+        npm install --prefix "$here/tests/node" --no-audit --no-fund --loglevel=error >&2
+    fi
+}
 if [ -z "$missing" ]; then
     echo "install-deps: all packages present" >&2
+    npm_deps
     exit 0
 fi
 SUDO=""
@@ -23,3 +32,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -qq --no-install-recommends $missing
+npm_deps

@@ -263,7 +263,7 @@ struct Server {
         };
         gauge("tm_requests_running", "Requests being generated.", st.running);
         gauge("tm_requests_waiting", "Requests queued for the engine.", st.waiting);
-        gauge("tm_kv_blocks_total", "KV cache blocks in the pool.", st.blocks_total);
+        gauge("tm_kv_blocks", "KV cache blocks in the pool.", st.blocks_total);
         gauge("tm_kv_blocks_free", "KV cache blocks free.", st.blocks_free);
         gauge("tm_kv_blocks_used", "KV cache blocks in use (running requests and kept sessions).",
               st.blocks_total - st.blocks_free);
