@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/kernels.cuh"
+
 namespace tmc::cuda {
 
 template <class T>
@@ -53,5 +55,45 @@ __device__ __forceinline__ float block_sum(float v) {
             __VA_ARGS__;                                \
         }                                               \
     } while (0)
+
+// Dispatch on the KV cache's bits per element (16, 8 or 4).
+#define TM_DISPATCH_BITS(bits, B, ...)                  \
+    do {                                                \
+        if ((bits) == 8) {                              \
+            constexpr int B = 8;                        \
+            __VA_ARGS__;                                \
+        } else if ((bits) == 4) {                       \
+            constexpr int B = 4;                        \
+            __VA_ARGS__;                                \
+        } else {                                        \
+            constexpr int B = 16;                       \
+            __VA_ARGS__;                                \
+        }                                               \
+    } while (0)
+
+// One cached K or V vector (a token's head), as floats, whatever the format.
+template <class T, int B>
+struct KvRow {
+    const void* p;
+    float scale = 1, offset = 0;
+    __device__ KvRow(const KvLayout& kv, int block, int layer, int which, int head, int slot) {
+        if constexpr (B == 16) {
+            p = static_cast<const T*>(kv.base) + kv.offset(block, layer, which, head, slot);
+        } else {
+            p = kv.codes(block, layer, which, head, slot);
+            const float2 q = *kv.params(block, layer, which, head, slot);
+            scale = q.x, offset = q.y;
+        }
+    }
+    __device__ float operator[](int i) const {
+        if constexpr (B == 16) {
+            return to_f(static_cast<const T*>(p)[i]);
+        } else if constexpr (B == 8) {
+            return float(static_cast<const uint8_t*>(p)[i]) * scale + offset;
+        } else {
+            return float((static_cast<const uint8_t*>(p)[i >> 1] >> ((i & 1) * 4)) & 15) * scale + offset;
+        }
+    }
+};
 
 }  // namespace tmc::cuda

@@ -29,15 +29,40 @@ void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i] (16-bit in and out).
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s);
 
-// The paged KV cache: block b holds, for each layer, K then V, each
-// [kv_heads][block_size][head_dim] (16-bit).
+// The paged KV cache. 16-bit (bits = 16): block b holds, for each layer, K
+// then V, each [kv_heads][block_size][head_dim] in the model's dtype.
+// Quantized (bits = 8 or 4, quant_policy): the same order of unsigned codes
+// (two 4-bit codes per byte, the even channel in the low nibble), then, per
+// (layer, K/V, head, slot), a float2 {scale, offset}: value = code * scale +
+// offset. Scales are the token's own (min and range per head), or, with
+// `qparams` ([layers][4][kv_heads]: K scale, K offset, V scale, V offset;
+// tm-qparams), static.
 struct KvLayout {
     void* base = nullptr;
     int layers = 0, kv_heads = 0, head_dim = 0, block_size = 0;
+    int bits = 16;
+    const float* qparams = nullptr;  // device; static scales, or null
     TM_HD size_t block_elems() const { return size_t(layers) * 2 * kv_heads * block_size * head_dim; }
     TM_HD size_t offset(int block, int layer, int kv, int head, int slot) const {
         return size_t(block) * block_elems() +
                ((size_t(layer) * 2 + kv) * kv_heads + head) * size_t(block_size) * head_dim + size_t(slot) * head_dim;
+    }
+    TM_HD size_t row_bytes() const { return size_t(head_dim) * bits / 8; }
+    TM_HD size_t rows_per_block() const { return size_t(layers) * 2 * kv_heads * block_size; }
+    TM_HD size_t block_bytes() const {
+        return bits == 16 ? block_elems() * 2 : rows_per_block() * (row_bytes() + 8);
+    }
+    TM_HD size_t row_index(int layer, int kv, int head, int slot) const {
+        return ((size_t(layer) * 2 + kv) * kv_heads + head) * size_t(block_size) + size_t(slot);
+    }
+    // Quantized caches: the codes of one (token, head) and its {scale, offset}.
+    TM_HD uint8_t* codes(int block, int layer, int kv, int head, int slot) const {
+        return static_cast<uint8_t*>(base) + size_t(block) * block_bytes() + row_index(layer, kv, head, slot) * row_bytes();
+    }
+    TM_HD float2* params(int block, int layer, int kv, int head, int slot) const {
+        return reinterpret_cast<float2*>(static_cast<uint8_t*>(base) + size_t(block) * block_bytes() +
+                                         rows_per_block() * row_bytes()) +
+               row_index(layer, kv, head, slot);
     }
 };
 

@@ -20,7 +20,7 @@ constexpr int kChunk = 64;
 constexpr int kMaxGroup = 8;
 constexpr int kMaxHd = 256;
 
-template <class T>
+template <class T, int B>
 __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
     __shared__ float q[kMaxGroup][kMaxHd];
     __shared__ float p[kMaxGroup][kChunk];
@@ -42,15 +42,14 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     float acc[kMaxGroup][2];
     for (int g = 0; g < kMaxGroup; ++g) acc[g][0] = acc[g][1] = 0;
     __syncthreads();
-    const T* kbase = static_cast<const T*>(kv.base);
     for (int c0 = begin; c0 < end; c0 += kChunk) {
         const int n = min(kChunk, end - c0);
         // Scores: a warp per key.
         for (int j = warp; j < n; j += nwarps) {
             const int ps = c0 + j;
-            const T* kr = kbase + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size);
+            const KvRow<T, B> kr(kv, table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size);
             float kv_reg[kMaxHd / 32];
-            for (int i = lane, k = 0; i < hd; i += 32, ++k) kv_reg[k] = to_f(kr[i]);
+            for (int i = lane, k = 0; i < hd; i += 32, ++k) kv_reg[k] = kr[i];
             for (int g = 0; g < group; ++g) {
                 float d = 0;
                 for (int i = lane, k = 0; i < hd; i += 32, ++k) d += q[g][i] * kv_reg[k];
@@ -85,7 +84,7 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
             for (int g = 0; g < group; ++g) acc[g][c] *= alpha[g];
             for (int j = 0; j < n; ++j) {
                 const int ps = c0 + j;
-                const float v = to_f(kbase[kv.offset(table[ps / kv.block_size], a.layer, 1, kh, ps % kv.block_size) + i]);
+                const float v = KvRow<T, B>(kv, table[ps / kv.block_size], a.layer, 1, kh, ps % kv.block_size)[i];
                 for (int g = 0; g < group; ++g) acc[g][c] += p[g][j] * v;
             }
         }
@@ -117,7 +116,7 @@ constexpr int kTileThreads = 256;
 template <int HD>
 __host__ __device__ constexpr int k_stride() { return HD + 8; }  // bf16 elements; shifts banks between keys
 
-template <class T, int HD>
+template <class T, int HD, int B>
 __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs a, BatchDev b, KvLayout kv,
                                                                          const int2* tiles) {
     extern __shared__ float smem[];
@@ -153,8 +152,13 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs
         for (int i = tid; i < n * HD; i += kTileThreads) {
             const int kk = i / HD, c = i % HD, pos = c0 + kk;
             const int blk = table[pos / kv.block_size], slot = pos % kv.block_size;
-            Ks[kk * KS + c] = cache[kv.offset(blk, a.layer, 0, kh, slot) + c];
-            Vs[kk * KS + c] = cache[kv.offset(blk, a.layer, 1, kh, slot) + c];
+            if constexpr (B == 16) {
+                Ks[kk * KS + c] = cache[kv.offset(blk, a.layer, 0, kh, slot) + c];
+                Vs[kk * KS + c] = cache[kv.offset(blk, a.layer, 1, kh, slot) + c];
+            } else {  // dequantized into the tile as 16-bit
+                Ks[kk * KS + c] = from_f<T>(KvRow<T, B>(kv, blk, a.layer, 0, kh, slot)[c]);
+                Vs[kk * KS + c] = from_f<T>(KvRow<T, B>(kv, blk, a.layer, 1, kh, slot)[c]);
+            }
         }
         __syncthreads();
         float mloc = -INFINITY;
@@ -210,16 +214,16 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs
     }
 }
 
-template <class T, int HD>
+template <class T, int HD, int B>
 void launch_tiled(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     const size_t bytes = size_t(kTileQ) * (HD + 1) * 4 + size_t(kTileQ) * (kTileK + 1) * 4 +
                          2 * size_t(kTileK) * k_stride<HD>() * sizeof(T);
     static bool attr = [&] {
-        cudaFuncSetAttribute(paged_attention_tiled_k<T, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+        cudaFuncSetAttribute(paged_attention_tiled_k<T, HD, B>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
         return true;
     }();
     (void)attr;
-    paged_attention_tiled_k<T, HD><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
+    paged_attention_tiled_k<T, HD, B><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
 }
 
 }  // namespace
@@ -228,7 +232,7 @@ void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout
                      cudaStream_t s) {
     if (n == 0) return;
     dim3 grid(n, a.nkv);
-    TM_DISPATCH_DT(dt, W, paged_attention_k<W><<<grid, kThreads, 0, s>>>(a, b, kv, rows));
+    TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, rows))));
 }
 
 int attention_tile_rows(int group) { return std::max(1, kTileQ / group); }
@@ -237,10 +241,10 @@ bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const Kv
                            int n_tiles, cudaStream_t s) {
     if (n_tiles == 0) return true;
     switch (a.hd) {
-        case 16: TM_DISPATCH_DT(dt, W, launch_tiled<W, 16>(a, b, kv, tiles, n_tiles, s)); return true;
-        case 32: TM_DISPATCH_DT(dt, W, launch_tiled<W, 32>(a, b, kv, tiles, n_tiles, s)); return true;
-        case 64: TM_DISPATCH_DT(dt, W, launch_tiled<W, 64>(a, b, kv, tiles, n_tiles, s)); return true;
-        case 128: TM_DISPATCH_DT(dt, W, launch_tiled<W, 128>(a, b, kv, tiles, n_tiles, s)); return true;
+        case 16: TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch_tiled<W, 16, B>(a, b, kv, tiles, n_tiles, s)))); return true;
+        case 32: TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch_tiled<W, 32, B>(a, b, kv, tiles, n_tiles, s)))); return true;
+        case 64: TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch_tiled<W, 64, B>(a, b, kv, tiles, n_tiles, s)))); return true;
+        case 128: TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch_tiled<W, 128, B>(a, b, kv, tiles, n_tiles, s)))); return true;
         default: return false;
     }
 }

@@ -12,7 +12,38 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kMaxHd = 256;
 
-template <class T>
+// A warp quantizes one head's vector sm[0, hd) into its cache row: with the
+// static scales when the layout has them, else with the vector's own min and
+// range (as the CPU backend: code = clamp(rint((x - min) / scale), 0, qmax)).
+template <int B>
+__device__ void quantize_row(const KvLayout& kv, const float* sm, int block, int layer, int which, int head,
+                             int slot, int lane) {
+    const int hd = kv.head_dim;
+    constexpr float qmax = B == 8 ? 255.0f : 15.0f;
+    float sc, mn;
+    if (kv.qparams) {
+        const float* qp = kv.qparams + size_t(layer) * 4 * kv.kv_heads;
+        sc = qp[(2 * which) * kv.kv_heads + head];
+        mn = qp[(2 * which + 1) * kv.kv_heads + head];
+    } else {
+        float lo = sm[0], hi = sm[0];
+        for (int i = lane; i < hd; i += 32) lo = fminf(lo, sm[i]), hi = fmaxf(hi, sm[i]);
+        lo = -warp_max(-lo);
+        hi = warp_max(hi);
+        mn = lo;
+        sc = hi > lo ? (hi - lo) / qmax : 1.0f;
+    }
+    auto code = [&](float x) { return unsigned(fminf(qmax, fmaxf(0.0f, rintf((x - mn) / sc)))); };
+    uint8_t* dst = kv.codes(block, layer, which, head, slot);
+    if constexpr (B == 8) {
+        for (int i = lane; i < hd; i += 32) dst[i] = uint8_t(code(sm[i]));
+    } else {
+        for (int i = lane; i < hd / 2; i += 32) dst[i] = uint8_t(code(sm[2 * i]) | (code(sm[2 * i + 1]) << 4));
+    }
+    if (lane == 0) *kv.params(block, layer, which, head, slot) = make_float2(sc, mn);
+}
+
+template <class T, int B>
 __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     __shared__ float buf[kWarps][kMaxHd];
     // blockIdx.y picks a group of kWarps heads: several blocks per row.
@@ -31,8 +62,12 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
         for (int i = lane; i < hd; i += 32) sm[i] = x[i] + (bias ? to_f(bias[size_t(h) * hd + i]) : 0.0f);
         __syncwarp();
         if (!is_q && !is_k) {  // V: straight into the cache
-            T* dst = static_cast<T*>(kv.base) + kv.offset(block, a.layer, 1, h - a.nq - a.nkv, slot);
-            for (int i = lane; i < hd; i += 32) dst[i] = from_f<T>(sm[i]);
+            if constexpr (B == 16) {
+                T* dst = static_cast<T*>(kv.base) + kv.offset(block, a.layer, 1, h - a.nq - a.nkv, slot);
+                for (int i = lane; i < hd; i += 32) dst[i] = from_f<T>(sm[i]);
+            } else {
+                quantize_row<B>(kv, sm, block, a.layer, 1, h - a.nq - a.nkv, slot, lane);
+            }
             __syncwarp();
             continue;
         }
@@ -46,7 +81,7 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
             for (int i = lane; i < hd; i += 32) sm[i] = sm[i] * scale * to_f(nw[i]);
             __syncwarp();
         }
-        T* dst = is_k ? static_cast<T*>(kv.base) + kv.offset(block, a.layer, 0, h - a.nq, slot) : nullptr;
+        T* dst = is_k && B == 16 ? static_cast<T*>(kv.base) + kv.offset(block, a.layer, 0, h - a.nq, slot) : nullptr;
         for (int i = lane; i < half; i += 32) {
             const float ang = float(pos) * a.inv_freq[i];
             const float c = cosf(ang), s = sinf(ang);
@@ -55,12 +90,19 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
             if (is_q) {
                 x[i] = y0;
                 x[i + half] = y1;
-            } else {
+            } else if (B == 16) {
                 dst[i] = from_f<T>(y0);
                 dst[i + half] = from_f<T>(y1);
+            } else {
+                sm[i] = y0;
+                sm[i + half] = y1;
             }
         }
         __syncwarp();
+        if (B != 16 && is_k) {
+            quantize_row<B>(kv, sm, block, a.layer, 0, h - a.nq, slot, lane);
+            __syncwarp();
+        }
     }
 }
 
@@ -69,7 +111,7 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
 void qkv_rope_cache(Dt dt, const QkvArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s) {
     if (a.T == 0) return;
     dim3 grid(a.T, (a.nq + 2 * a.nkv + kWarps - 1) / kWarps);
-    TM_DISPATCH_DT(dt, W, qkv_rope_cache_k<W><<<grid, kWarps * 32, 0, s>>>(a, b, kv));
+    TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (qkv_rope_cache_k<W, B><<<grid, kWarps * 32, 0, s>>>(a, b, kv))));
 }
 
 }  // namespace tmc::cuda

@@ -38,6 +38,28 @@ ok = abs(p - 28.4168) / 28.4168 <= 0.005
 print(f"perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
 sys.exit(0 if ok else 1)
 EOF
+echo "== quantized KV cache on the GPU (tinytech perplexity)"
+# Static scales come from CALIB_STATS (tm-calib of tinytech on calib.txt) when given.
+for mode in int8-online int4-online int8-static int4-static; do
+    bits=${mode%%-*}
+    rm -rf "$TMP/q"
+    cp -r "$TMP/ws" "$TMP/q"
+    case $mode in
+        *-online) "$BIN/tm-qparams" "$TMP/q" --kv "$bits" --online 2> /dev/null ;;
+        *-static) [ -n "${CALIB_STATS:-}" ] || continue
+                  "$BIN/tm-qparams" "$TMP/q" --kv "$bits" --stats "$CALIB_STATS" 2> /dev/null ;;
+    esac
+    "$BIN/tm-run" "$TMP/q" --device cuda --ppl "$SHARED/text/eval.txt" > "$OUTDIR/ppl-cuda-$mode.json" || fail=1
+    python3 - "$OUTDIR/ppl-cuda-$mode.json" "$mode" <<'EOF' || fail=1
+import json, sys
+p = json.load(open(sys.argv[1]))["perplexity"]
+mode = sys.argv[2]
+bound = {"int8-online": 0.01, "int8-static": 0.01, "int4-online": 0.05, "int4-static": 0.10}[mode]
+ok = abs(p / 28.4168 - 1) <= bound
+print(f"{mode}: perplexity {p:.4f} ({(p / 28.4168 - 1) * 100:+.3f}% vs bf16 28.4168, bound {bound * 100:.0f}%): {'ok' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+EOF
+done
 python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" > "$TMP/in.jsonl" <<'EOF'
 import json, sys
 for i, l in enumerate(open(sys.argv[1])):

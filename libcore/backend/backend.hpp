@@ -87,6 +87,8 @@ std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendO
 
 struct CudaBackendOptions {
     int device = 0;
+    int kv_quant = 0;              // quant_policy: 0 (16-bit cache), 8 or 4
+    std::vector<float> kv_params;  // static scales as CpuBackendOptions::kv_params; empty: per token
 };
 
 // Throws tmc::Error when this build has no CUDA or the device/cuBLAS is unusable.

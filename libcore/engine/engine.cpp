@@ -248,18 +248,16 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     const int kv_quant = opt.quant_policy >= 0 ? opt.quant_policy : im->ws->engine().quant_policy;
     if (kv_quant != 0 && kv_quant != 4 && kv_quant != 8) throw Error("quant_policy must be 0, 4 or 8");
     std::string why;
-    bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
-    if (gpu && kv_quant != 0) {
-        if (device == "cuda")
-            throw Error("the CUDA backend has no quantized KV cache yet (quant_policy " + std::to_string(kv_quant) +
-                        "); use --device cpu or quant_policy 0");
-        if (opt.log) opt.log("quant_policy " + std::to_string(kv_quant) + ": the CPU backend runs it");
-        gpu = false;
-    }
+    const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
     if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
+    std::vector<float> kv_params;
+    if (kv_quant != 0 && im->ws->engine().kv_static) kv_params = static_kv_params(*im->ws, kv_quant);
     if (gpu) {
         try {
-            im->backend = make_cuda_backend(*im->ws, CudaBackendOptions{});
+            CudaBackendOptions cbo;
+            cbo.kv_quant = kv_quant;
+            cbo.kv_params = kv_params;
+            im->backend = make_cuda_backend(*im->ws, cbo);
         } catch (const Error& e) {
             if (device == "cuda") throw;
             if (opt.log) opt.log(std::string("CUDA backend unavailable (") + e.what() + "); using the CPU");
@@ -269,7 +267,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         CpuBackendOptions co;
         co.threads = opt.threads;
         co.kv_quant = kv_quant;
-        if (kv_quant != 0 && im->ws->engine().kv_static) co.kv_params = static_kv_params(*im->ws, kv_quant);
+        co.kv_params = std::move(kv_params);
         im->backend = make_cpu_backend(*im->ws, co);
     }
 

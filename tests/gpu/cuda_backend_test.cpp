@@ -266,78 +266,102 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
     }
 }
 
-// The whole forward pass: CUDA against the CPU backend on every
-// architecture, a ragged batch with chunked prefill and decode rows.
-TEST(CudaBackend, MatchesCpuBackendOnEveryArchitecture) {
-    for (const char* m : {"tinytech-25m", "random-qwen2", "random-qwen3", "random-mistral"}) {
-        char tmpl[] = "/tmp/tm-gpu-XXXXXX";
-        std::string dir = mkdtemp(tmpl);
-        tmc::ConvertOptions co;
-        tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws", co);
-        tmc::Workspace ws(dir + "/ws");
-        auto cpu = tmc::make_cpu_backend(ws, {});
-        auto gpu = tmc::make_cuda_backend(ws, {});
-        tmc::BackendLimits lim;
-        lim.num_blocks = 64, lim.block_size = 16, lim.max_batch_tokens = 256, lim.max_logit_rows = 256, lim.max_context = 512;
-        cpu->init(lim);
-        gpu->init(lim);
-        const int V = ws.model().vocab_size;
-        std::uniform_int_distribution<int> tokd(3, V - 1);
-        // Three sequences of 37, 1 and 90 tokens, in two steps: the first 20/1/50,
-        // then the rest (with logits for every row of the second step).
-        std::vector<std::vector<int>> seqs = {std::vector<int>(37), std::vector<int>(1), std::vector<int>(90)};
-        for (auto& s : seqs)
-            for (auto& t : s) t = tokd(rng());
-        std::vector<std::vector<int>> tables = {{0, 1, 2}, {5}, {9, 8, 7, 6, 10, 11}};  // room for 2 more tokens each
-        std::vector<int> split = {20, 0, 50};
-        // Steps 2 and 3 are decode steps (one new token per sequence): the
-        // CUDA backend captures a graph in step 2 and replays it in step 3.
-        for (int step = 0; step < 4; ++step) {
-            tmc::BatchPlan p;
-            if (step >= 2)
-                for (auto& s : seqs) s.push_back(tokd(rng()));
-            for (size_t s = 0; s < seqs.size(); ++s) {
-                int from = step == 0 ? 0 : step == 1 ? split[s] : int(seqs[s].size()) - 1;
-                int to = step == 0 ? split[s] : int(seqs[s].size());
-                if (step >= 1) from = std::min(from, to);
-                if (to == from) continue;
-                tmc::BatchPlan::Seq q;
-                q.row_begin = int(p.tokens.size());
-                q.n_rows = to - from;
-                q.ctx_len = to;
-                q.blocks = tables[s].data();
-                q.n_blocks = int(tables[s].size());
-                for (int i = from; i < to; ++i) {
-                    p.tokens.push_back(seqs[s][size_t(i)]);
-                    p.positions.push_back(i);
-                    if (step >= 1) p.logit_rows.push_back(int(p.tokens.size()) - 1);
-                }
-                p.seqs.push_back(q);
-            }
-            // (The CPU runs the step first: both write the same K/V into their own caches.)
-            const float* c = cpu->forward(p);
-            std::vector<float> want(c, c + p.logit_rows.size() * size_t(V));
-            const float* g = gpu->forward(p);
-            size_t argmax_same = 0;
-            for (size_t r = 0; r < p.logit_rows.size(); ++r) {
-                const float* w = want.data() + r * size_t(V);
-                const float* x = g + r * size_t(V);
-                float scale = 0, err = 0;
-                for (int i = 0; i < V; ++i) {
-                    ASSERT_TRUE(std::isfinite(x[i])) << m;
-                    scale = std::max(scale, std::abs(w[i]));
-                    err = std::max(err, std::abs(w[i] - x[i]));
-                }
-                EXPECT_LT(err, 0.05f * scale + 0.05f) << m << " row " << r;
-                argmax_same += std::max_element(w, w + V) - w == std::max_element(x, x + V) - x;
-            }
-            if (step >= 1) {
-                EXPECT_GE(double(argmax_same), 0.9 * double(p.logit_rows.size())) << m << " step " << step;
-            }
-        }
-        std::string cmd = "rm -rf " + dir;
-        (void)!system(cmd.c_str());
+// The whole forward pass: CUDA against the CPU backend, a ragged batch with
+// chunked prefill and decode rows; `kv_quant` and static scales go to both.
+void compare_forward(const char* m, int kv_quant, bool static_scales, float tol, double argmax_frac) {
+    char tmpl[] = "/tmp/tm-gpu-XXXXXX";
+    std::string dir = mkdtemp(tmpl);
+    tmc::ConvertOptions co;
+    tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws", co);
+    tmc::Workspace ws(dir + "/ws");
+    tmc::CpuBackendOptions cpo;
+    tmc::CudaBackendOptions gpo;
+    cpo.kv_quant = gpo.kv_quant = kv_quant;
+    if (static_scales) {
+        // Any scales will do: both backends must compute the same codes.
+        const auto& c = ws.model();
+        std::vector<float> sc(size_t(c.num_layers) * 4 * c.num_kv_heads);
+        const float range = 16.0f, qmax = kv_quant == 8 ? 255.0f : 15.0f;
+        for (size_t i = 0; i < sc.size(); ++i) sc[i] = (i / size_t(c.num_kv_heads)) % 2 == 0 ? range / qmax : -range / 2;
+        cpo.kv_params = gpo.kv_params = sc;
     }
+    auto cpu = tmc::make_cpu_backend(ws, cpo);
+    auto gpu = tmc::make_cuda_backend(ws, gpo);
+    tmc::BackendLimits lim;
+    lim.num_blocks = 64, lim.block_size = 16, lim.max_batch_tokens = 256, lim.max_logit_rows = 256, lim.max_context = 512;
+    cpu->init(lim);
+    gpu->init(lim);
+    const int V = ws.model().vocab_size;
+    std::uniform_int_distribution<int> tokd(3, V - 1);
+    // Three sequences of 37, 1 and 90 tokens, in two steps: the first 20/1/50,
+    // then the rest (with logits for every row of the second step).
+    std::vector<std::vector<int>> seqs = {std::vector<int>(37), std::vector<int>(1), std::vector<int>(90)};
+    for (auto& s : seqs)
+        for (auto& t : s) t = tokd(rng());
+    std::vector<std::vector<int>> tables = {{0, 1, 2}, {5}, {9, 8, 7, 6, 10, 11}};  // room for 2 more tokens each
+    std::vector<int> split = {20, 0, 50};
+    // Steps 2 and 3 are decode steps (one new token per sequence): the
+    // CUDA backend captures a graph in step 2 and replays it in step 3.
+    for (int step = 0; step < 4; ++step) {
+        tmc::BatchPlan p;
+        if (step >= 2)
+            for (auto& s : seqs) s.push_back(tokd(rng()));
+        for (size_t s = 0; s < seqs.size(); ++s) {
+            int from = step == 0 ? 0 : step == 1 ? split[s] : int(seqs[s].size()) - 1;
+            int to = step == 0 ? split[s] : int(seqs[s].size());
+            if (step >= 1) from = std::min(from, to);
+            if (to == from) continue;
+            tmc::BatchPlan::Seq q;
+            q.row_begin = int(p.tokens.size());
+            q.n_rows = to - from;
+            q.ctx_len = to;
+            q.blocks = tables[s].data();
+            q.n_blocks = int(tables[s].size());
+            for (int i = from; i < to; ++i) {
+                p.tokens.push_back(seqs[s][size_t(i)]);
+                p.positions.push_back(i);
+                if (step >= 1) p.logit_rows.push_back(int(p.tokens.size()) - 1);
+            }
+            p.seqs.push_back(q);
+        }
+        // (The CPU runs the step first: both write the same K/V into their own caches.)
+        const float* c = cpu->forward(p);
+        std::vector<float> want(c, c + p.logit_rows.size() * size_t(V));
+        const float* g = gpu->forward(p);
+        size_t argmax_same = 0;
+        for (size_t r = 0; r < p.logit_rows.size(); ++r) {
+            const float* w = want.data() + r * size_t(V);
+            const float* x = g + r * size_t(V);
+            float scale = 0, err = 0;
+            for (int i = 0; i < V; ++i) {
+                ASSERT_TRUE(std::isfinite(x[i])) << m;
+                scale = std::max(scale, std::abs(w[i]));
+                err = std::max(err, std::abs(w[i] - x[i]));
+            }
+            EXPECT_LT(err, tol * scale + tol) << m << " kv " << kv_quant << " row " << r;
+            argmax_same += std::max_element(w, w + V) - w == std::max_element(x, x + V) - x;
+        }
+        if (step >= 1) {
+            EXPECT_GE(double(argmax_same), argmax_frac * double(p.logit_rows.size())) << m << " kv " << kv_quant << " step " << step;
+        }
+    }
+    std::string cmd = "rm -rf " + dir;
+    (void)!system(cmd.c_str());
+}
+
+TEST(CudaBackend, MatchesCpuBackendOnEveryArchitecture) {
+    for (const char* m : {"tinytech-25m", "random-qwen2", "random-qwen3", "random-mistral"})
+        compare_forward(m, 0, false, 0.05f, 0.9);
+}
+
+// The int8 and int4 caches (kernels/rope_cache.cu quantizes, both attention
+// kernels dequantize) against the CPU backend's, online and static scales.
+// A code may differ by one step where the two backends' K/V differ in the
+// last bits, hence the wider bounds.
+TEST(CudaBackend, QuantizedKvCacheMatchesCpu) {
+    for (const char* m : {"tinytech-25m", "random-qwen3"})
+        for (int bits : {8, 4})
+            for (bool st : {false, true}) compare_forward(m, bits, st, bits == 8 ? 0.06f : 0.12f, 0.8);
 }
 
 }  // namespace

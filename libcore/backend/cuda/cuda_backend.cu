@@ -54,7 +54,10 @@ public:
     ~CudaBackend() override;
     std::string name() const override { return "cuda (" + device_name_ + ")"; }
     const ModelConfig& config() const override { return cfg_; }
-    size_t kv_bytes_per_token() const override { return size_t(cfg_.num_layers) * 2 * size_t(cfg_.kv_size()) * 2; }
+    size_t kv_bytes_per_token() const override {
+        const size_t rows = size_t(cfg_.num_layers) * 2 * size_t(cfg_.num_kv_heads);
+        return kv_bits_ == 16 ? rows * size_t(cfg_.head_dim) * 2 : rows * (size_t(cfg_.head_dim) * kv_bits_ / 8 + 8);
+    }
     size_t default_kv_bytes(double fraction, int max_batch_tokens) const override;
     void init(const BackendLimits& limits) override;
     float* forward(const BatchPlan& plan) override;
@@ -87,6 +90,8 @@ private:
     DevBuf<float> inv_freq_;
 
     BackendLimits lim_;
+    int kv_bits_ = 16;
+    DevBuf<float> kv_params_;  // static scales (quantized cache), or empty
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
     DevBuf<float> x_, qkv_, logits_;
@@ -119,6 +124,10 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     const int group = cfg_.num_heads / cfg_.num_kv_heads;
     if (group > 8 || cfg_.head_dim > 256 || cfg_.head_dim % 2)
         throw Error(ws.dir() + ": the CUDA attention kernel takes up to 8 query heads per KV head and head_dim <= 256");
+    if (opt.kv_quant != 0 && opt.kv_quant != 8 && opt.kv_quant != 4) throw Error("quant_policy must be 0, 4 or 8");
+    kv_bits_ = opt.kv_quant == 0 ? 16 : opt.kv_quant;
+    if (!opt.kv_params.empty() && opt.kv_params.size() != size_t(cfg_.num_layers) * 4 * cfg_.num_kv_heads)
+        throw Error(ws.dir() + ": the static KV scales do not match the model");
     dt_ = cfg_.weight_dtype == DType::BF16 ? cuda::Dt::BF16 : cuda::Dt::F16;
     cdt_ = cfg_.weight_dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
     check(cudaSetDevice(opt.device), "cudaSetDevice");
@@ -161,6 +170,12 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     auto inv = rope_inv_freq(cfg_);
     inv_freq_.alloc(inv.size());
     check(cudaMemcpy(inv_freq_.p, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice), "upload inv_freq");
+    if (!opt.kv_params.empty()) {
+        kv_params_.alloc(opt.kv_params.size());
+        check(cudaMemcpy(kv_params_.p, opt.kv_params.data(), opt.kv_params.size() * 4, cudaMemcpyHostToDevice),
+              "upload the KV scales");
+        kvl_.qparams = kv_params_.p;
+    }
 }
 
 CudaBackend::~CudaBackend() {
@@ -193,7 +208,10 @@ void CudaBackend::init(const BackendLimits& limits) {
     kvl_.kv_heads = cfg_.num_kv_heads;
     kvl_.head_dim = cfg_.head_dim;
     kvl_.block_size = lim_.block_size;
-    kv_.alloc(size_t(lim_.num_blocks) * kvl_.block_elems());
+    kvl_.bits = kv_bits_;
+    if (kv_bits_ != 16 && (kvl_.rows_per_block() * kvl_.row_bytes() % 8 || kvl_.block_bytes() % 8))
+        throw Error("cuda backend: this block size and head_dim do not align the quantized cache's scales");
+    kv_.alloc((size_t(lim_.num_blocks) * kvl_.block_bytes() + 1) / 2);
     kvl_.base = kv_.p;
     const size_t T = size_t(lim_.max_batch_tokens), H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size);
     x_.alloc(T * H);
