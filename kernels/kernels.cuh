@@ -102,11 +102,19 @@ struct AttnArgs {
     float scale;
     int layer;
     void* out;
+    // Split along the sequence (flash-decoding): scratch of
+    // attention_split_floats() floats, or null for one block per (row, KV head).
+    float* split_scratch = nullptr;
 };
-// One block per (row, KV head), for the rows listed in `rows` (n of them;
-// null: rows 0..T-1). Suits decode rows.
+// One block per (row, KV head, split of the sequence), for the rows listed
+// in `rows` (n of them; null: rows 0..T-1); a second kernel merges the
+// splits. The split count depends on n only (so a captured graph stays
+// valid as sequences grow): enough blocks to fill the GPU. Suits decode rows.
 void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, int n,
                      cudaStream_t s);
+int attention_splits(int n, int nkv);
+// Scratch floats the split kernel needs for any n (nq query heads of head_dim hd).
+size_t attention_split_floats(int nq, int nkv, int hd);
 // Prefill chunks: each tile is {first row, row count} of consecutive rows of
 // one sequence (count <= attention_tile_rows(group)); one block per (tile,
 // KV head) loads each chunk of K/V into shared memory once for all the

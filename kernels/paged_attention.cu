@@ -19,6 +19,7 @@ constexpr int kThreads = 128;
 constexpr int kChunk = 64;
 constexpr int kMaxGroup = 8;
 constexpr int kMaxHd = 256;
+constexpr int kMaxSplitsDev = 32;  // attention_splits() never exceeds one warp
 
 template <class T, int B>
 __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
@@ -32,7 +33,10 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     const int pos = b.positions[r];
     const int seq = b.row_seq[r];
     const int* table = b.blocks + b.block_offset[seq];
-    const int begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, end = pos + 1;
+    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
+    // This block's share of the visible positions (all of them without splits).
+    const int nsplit = gridDim.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
+    const int begin = min(vis_end, vis_begin + int(blockIdx.z) * span), end = min(vis_end, begin + span);
     const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * hd;
     for (int i = threadIdx.x; i < group * hd; i += kThreads) q[i / hd][i % hd] = qr[i];
     // Running max and sum per head, kept by warp (g % nwarps), lane 0.
@@ -90,6 +94,24 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
         }
         __syncthreads();
     }
+    if (nsplit > 1) {
+        // Unnormalized partial results: acc, then (max, sum) per query head.
+        float* part = a.split_scratch;
+        const size_t ml0 = size_t(gridDim.x) * a.nq * nsplit * hd;
+        for (int g = warp, k = 0; g < group; g += nwarps, ++k)
+            if (lane == 0) {
+                const size_t e = (size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z;
+                part[ml0 + 2 * e] = m_run[k];
+                part[ml0 + 2 * e + 1] = l_run[k];
+            }
+        for (int c = 0; c < 2; ++c) {
+            const int i = threadIdx.x + c * kThreads;
+            if (i >= hd) break;
+            for (int g = 0; g < group; ++g)
+                part[((size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z) * hd + i] = acc[g][c];
+        }
+        return;
+    }
     for (int g = warp, k = 0; g < group; g += nwarps, ++k)
         if (lane == 0) inv_l[g] = 1.0f / l_run[k];
     __syncthreads();
@@ -101,6 +123,33 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     }
 }
 
+// Merges the splits of paged_attention_k: one block per (row, query head);
+// the splits' weights are computed once, in shared memory.
+template <class T>
+__global__ void merge_splits_k(AttnArgs a, const int* rows, int nsplit) {
+    __shared__ float w[kMaxSplitsDev];
+    __shared__ float inv_l;
+    const int r = rows ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y, hd = a.hd;
+    const float* part = a.split_scratch;
+    const size_t e0 = (size_t(blockIdx.x) * a.nq + h) * nsplit;
+    const float* ml = part + size_t(gridDim.x) * a.nq * nsplit * hd + 2 * e0;
+    if (threadIdx.x < 32) {
+        const int z = threadIdx.x;
+        const float mz = z < nsplit ? ml[2 * z] : -FLT_MAX, lz = z < nsplit ? ml[2 * z + 1] : 0.0f;
+        const float m = warp_max(mz);
+        const float wz = z < nsplit ? __expf(mz - m) : 0.0f;
+        const float l = warp_sum(lz * wz);
+        if (z < nsplit) w[z] = wz;
+        if (z == 0) inv_l = 1.0f / l;
+    }
+    __syncthreads();
+    T* out = static_cast<T*>(a.out) + size_t(r) * a.nq * hd + size_t(h) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float v = 0;
+        for (int z = 0; z < nsplit; ++z) v += part[(e0 + z) * hd + i] * w[z];
+        out[i] = from_f<T>(v * inv_l);
+    }
+}
 
 // ---------------------------------------------------------------- tiled (prefill)
 //
@@ -228,11 +277,29 @@ void launch_tiled(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
 
 }  // namespace
 
+// Enough (row, KV head, split) blocks for two waves on 132 SMs, at most 32
+// splits; none once rows x KV heads fill the GPU.
+constexpr int kTargetBlocks = 264;
+constexpr int kMaxSplits = kMaxSplitsDev;
+
+int attention_splits(int n, int nkv) {
+    if (n * nkv >= kTargetBlocks) return 1;
+    return std::min(kMaxSplits, (kTargetBlocks + n * nkv - 1) / (n * nkv));
+}
+
+size_t attention_split_floats(int nq, int nkv, int hd) {
+    size_t most = 0;
+    for (int n = 1; n * nkv < kTargetBlocks; ++n) most = std::max(most, size_t(n) * attention_splits(n, nkv));
+    return most * size_t(nq) * (size_t(hd) + 2);
+}
+
 void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, int n,
                      cudaStream_t s) {
     if (n == 0) return;
-    dim3 grid(n, a.nkv);
+    const int nsplit = a.split_scratch ? attention_splits(n, a.nkv) : 1;
+    dim3 grid(n, a.nkv, nsplit);
     TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, rows))));
+    if (nsplit > 1) TM_DISPATCH_DT(dt, W, (merge_splits_k<W><<<dim3(n, a.nq), 128, 0, s>>>(a, rows, nsplit)));
 }
 
 int attention_tile_rows(int group) { return std::max(1, kTileQ / group); }

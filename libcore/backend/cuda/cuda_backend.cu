@@ -75,6 +75,7 @@ private:
              size_t o_single, size_t o_tiles, size_t o_blocks);
     static constexpr int kMaxGraphBatch = 256;
     bool graphs_enabled_ = true;
+    bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -94,7 +95,7 @@ private:
     DevBuf<float> kv_params_;  // static scales (quantized cache), or empty
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
-    DevBuf<float> x_, qkv_, logits_;
+    DevBuf<float> x_, qkv_, logits_, attn_split_;
     DevBuf<uint16_t> h_, attn_, gu_, act_, hn_;
     DevBuf<int> meta_;
     DevBuf<char> blas_ws_;
@@ -135,6 +136,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     check(cudaGetDeviceProperties(&prop, opt.device), "cudaGetDeviceProperties");
     device_name_ = prop.name;
     if (const char* g = std::getenv("TM_CUDA_GRAPHS")) graphs_enabled_ = std::string(g) != "0";
+    if (const char* g = std::getenv("TM_CUDA_SPLIT_ATTENTION")) split_attention_ = std::string(g) != "0";
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
     check(cb.create(&blas_), "cublasCreate");
@@ -218,6 +220,7 @@ void CudaBackend::init(const BackendLimits& limits) {
     h_.alloc(T * H);
     qkv_.alloc(T * size_t(cfg_.q_size() + 2 * cfg_.kv_size()));
     attn_.alloc(T * size_t(cfg_.q_size()));
+    attn_split_.alloc(cuda::attention_split_floats(cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim));
     gu_.alloc(T * 2 * I);
     act_.alloc(T * I);
     hn_.alloc(size_t(lim_.max_logit_rows) * H);
@@ -344,7 +347,8 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
         cuda::QkvArgs qa{qkv_.p, qkv_ld, T, nq, nkv, hd, Ly.bqkv.ptr, Ly.q_norm.ptr, Ly.k_norm.ptr, eps, inv_freq_.p, l};
         cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
         launched("qkv_rope_cache");
-        cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p};
+        cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p,
+                          split_attention_ ? attn_split_.p : nullptr};
         if (cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_)) {
             cuda::paged_attention(dt_, aa, bd, kvl_, d_single, int(n_single), stream_);
         } else {
