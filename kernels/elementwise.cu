@@ -39,7 +39,45 @@ __global__ void silu_mul_k(const T* gu, int I, T* out) {
     }
 }
 
+// One block per row: each thread scans a strided share, then the block
+// reduces; the first of equal maxima wins (as torch.argmax and the CPU).
+__global__ void argmax_rows_k(const float* x, int V, int* out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* r = x + size_t(blockIdx.x) * V;
+    float best = -INFINITY;
+    int idx = V;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float v = r[i];
+        if (v > best || (v == best && i < idx) || (idx == V && v == v)) best = v, idx = i;  // NaN never wins
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) best = ov, idx = oi;
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) bv[warp] = best, bi[warp] = idx;
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = (blockDim.x + 31) >> 5;
+        best = lane < nw ? bv[lane] : -INFINITY;
+        idx = lane < nw ? bi[lane] : V;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > best || (ov == best && oi < idx)) best = ov, idx = oi;
+        }
+        if (lane == 0) out[blockIdx.x] = idx < V ? idx : 0;
+    }
+}
+
 }  // namespace
+
+void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s) {
+    if (R == 0) return;
+    argmax_rows_k<<<R, 1024, 0, s>>>(x, V, out);
+}
 
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s) {
     if (T == 0) return;

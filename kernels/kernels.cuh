@@ -26,6 +26,9 @@ void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x
 void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
              cudaStream_t s);
 
+// out[r] = the index of the largest of x[r, 0..V) (the first of equal maxima).
+void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s);
+
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i] (16-bit in and out).
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s);
 

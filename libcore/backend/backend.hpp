@@ -30,12 +30,17 @@ struct BatchPlan {
     std::vector<int> positions;
     std::vector<Seq> seqs;
     std::vector<int> logit_rows;  // rows whose logits are returned, in this order
+    // Every logit row will be sampled greedily (no penalties, no log-
+    // probabilities): a backend may then return no logits from forward()
+    // and give each row's argmax through greedy_ids() instead.
+    bool greedy_only = false;
 
     void clear() {
         tokens.clear();
         positions.clear();
         seqs.clear();
         logit_rows.clear();
+        greedy_only = false;
     }
 };
 
@@ -59,6 +64,9 @@ public:
     // Runs the plan; returns logits [plan.logit_rows.size()][vocab_size],
     // valid until the next call (the caller may modify them in place).
     virtual float* forward(const BatchPlan& plan) = 0;
+    // When forward() returned null (plan.greedy_only): the argmax of each
+    // logit row, in plan.logit_rows order.
+    virtual const int* greedy_ids() { return nullptr; }
     // log p(targets[i] | row logits_index[i]) from the last forward's logits.
     virtual void token_logprobs(const int* logit_index, const int* targets, int n, float* out) = 0;
     // The KV pool size to use when the user sets none: `fraction` of the

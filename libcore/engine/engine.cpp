@@ -725,7 +725,19 @@ void Engine::Impl::step() {
         schedule();
     }
     if (slots.empty()) return;
+    // When every sampled row is greedy and plain, the backend may return only
+    // the argmax of each row (the GPU then sends back ids, not logits).
+    plan.greedy_only = true;
+    for (auto& sl : slots) {
+        const SamplingParams& p = sl.r->req.sampling;
+        if (p.prompt_logprobs || (sl.sample && !(p.temperature <= 0.0f || p.top_k == 1)) ||
+            (sl.sample && (p.logprobs >= 0 || p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f ||
+                           p.frequency_penalty != 0.0f)))
+            plan.greedy_only = false;
+    }
     float* logits = backend->forward(plan);
+    const int* greedy = logits ? nullptr : backend->greedy_ids();
+    if (!logits && !greedy) throw Error("the backend returned neither logits nor token ids");
     ++st.steps;
     const size_t V = size_t(cfg.vocab_size);
     // Prompt log-probabilities: rows at position p score prompt token p + 1.
@@ -753,7 +765,9 @@ void Engine::Impl::step() {
         Req& r = *sl.r;
         st.prompt_tokens_computed += uint64_t(std::max(0, std::min(r.seq.computed + sl.rows, r.prompt_len) - r.seq.computed));
         r.seq.computed += sl.rows;
-        if (sl.sample) {
+        if (sl.sample && greedy) {
+            on_token(r, greedy[sl.logit_begin + sl.n_logits - 1]);
+        } else if (sl.sample) {
             // Prompt log-probabilities were taken above: the row can be modified.
             float* row = logits + size_t(sl.logit_begin + sl.n_logits - 1) * V;
             std::span<const int> prompt(r.seq.tokens.data(), size_t(r.prompt_len));

@@ -108,6 +108,29 @@ TEST(Kernels, EmbeddingGathersRows) {
     cudaFree(de), cudaFree(dt), cudaFree(x);
 }
 
+// The greedy path: argmax per row on the device, the first of equal maxima.
+TEST(Kernels, ArgmaxRowsMatchesCpu) {
+    for (int V : {1, 31, 1000, 128256}) {
+        const int R = 7;
+        auto x = randn(size_t(R) * V);
+        if (V > 40) {
+            x[size_t(2) * V + 5] = x[size_t(2) * V + 40] = 100.0f;  // a tie: index 5 wins
+            x[size_t(3) * V + size_t(V) - 1] = 50.0f;                 // the last element
+        }
+        float* dx = dev(x);
+        int* dout = poisoned<int>(R);
+        tmc::cuda::argmax_rows(dx, R, V, dout, 0);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        auto got = host(dout, R);
+        for (int r = 0; r < R; ++r) {
+            const float* row = x.data() + size_t(r) * V;
+            EXPECT_EQ(got[size_t(r)], int(std::max_element(row, row + V) - row)) << "V " << V << " row " << r;
+        }
+        cudaFree(dx), cudaFree(dout);
+    }
+}
+
 TEST(Kernels, SiluMulMatchesCpu) {
     const int T = 5, I = 1000;
     auto gu = randn(size_t(T) * 2 * I, 3.0f);
@@ -376,11 +399,13 @@ TEST(CudaBackend, MatchesCpuBackendOnEveryArchitecture) {
 // last bits (an int4 step is a fifteenth of the range), hence the wider
 // bounds; tinytech's perplexity (scripts/test-gpu.sh) checks the whole path.
 // int4 codes are coarse enough that random models' nearly flat logits can
-// swap their top token: argmax agreement is asked of int8 only.
+// swap their top token: argmax agreement is asked of int8 only, and int4's
+// bound only catches a broken path (scripts/test-gpu.sh's perplexity is the
+// real check: GPU and CPU within 0.1% of each other).
 TEST(CudaBackend, QuantizedKvCacheMatchesCpu) {
     for (bool st : {false, true}) {
         compare_forward("tinytech-25m", 8, st, 0.08f, 0.6);
-        compare_forward("tinytech-25m", 4, st, 0.3f, 0.0);
+        compare_forward("tinytech-25m", 4, st, 0.5f, 0.0);
         compare_forward("random-qwen3", 8, st, 0.08f, 0.0);
     }
 }

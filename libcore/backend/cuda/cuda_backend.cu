@@ -62,6 +62,7 @@ public:
     void init(const BackendLimits& limits) override;
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
+    const int* greedy_ids() override { return h_ids_; }
 
 private:
     struct Layer {
@@ -102,6 +103,8 @@ private:
     int* h_meta_ = nullptr;  // pinned
     size_t meta_cap_ = 0;
     float* h_logits_ = nullptr;  // pinned
+    DevBuf<int> ids_;
+    int* h_ids_ = nullptr;  // pinned
 };
 
 DevWeight CudaBackend::upload(const Workspace& ws, const std::string& name, int rows, int cols) {
@@ -188,6 +191,7 @@ CudaBackend::~CudaBackend() {
     if (arena_) cudaFree(arena_);
     if (h_meta_) cudaFreeHost(h_meta_);
     if (h_logits_) cudaFreeHost(h_logits_);
+    if (h_ids_) cudaFreeHost(h_ids_);
     if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -226,6 +230,8 @@ void CudaBackend::init(const BackendLimits& limits) {
     hn_.alloc(size_t(lim_.max_logit_rows) * H);
     logits_.alloc(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
     check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size) * 4), "cudaMallocHost");
+    ids_.alloc(size_t(lim_.max_logit_rows));
+    check(cudaMallocHost(&h_ids_, size_t(lim_.max_logit_rows) * 4), "cudaMallocHost");
     // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
     meta_cap_ = 8 * T + size_t(lim_.max_logit_rows) + T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
@@ -318,6 +324,14 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaGraphLaunch(exec, stream_), "graph launch");
     } else {
         run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+    }
+    if (L > 0 && plan.greedy_only) {
+        // Greedy rows: only the token ids come back.
+        cuda::argmax_rows(logits_.p, L, cfg_.vocab_size, ids_.p, stream_);
+        launched("argmax");
+        check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
+        check(cudaStreamSynchronize(stream_), "forward");
+        return nullptr;
     }
     if (L > 0)
         check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(cfg_.vocab_size) * 4, cudaMemcpyDeviceToHost, stream_),
