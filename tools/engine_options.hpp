@@ -19,6 +19,7 @@ inline void add_engine_options(cxxopts::Options& o) {
         ("cache-mib", "KV cache size in MiB (default: 1024 on the CPU, a share of free memory on a GPU)", cxxopts::value<int64_t>()->default_value("0"))
         ("max-batch-tokens", "tokens per step, decode and prefill chunks together (default 512)", cxxopts::value<int>()->default_value("0"))
         ("max-batch-size", "sequences per step (default 256)", cxxopts::value<int>()->default_value("0"))
+        ("tp", "tensor-parallel ranks (default: the workspace's; must match it)", cxxopts::value<int>()->default_value("0"))
         ("quant-policy", "KV cache: 0 (unquantized), 8 (int8), 4 (int4); default: config.ini's", cxxopts::value<int>()->default_value("-1"))
         ("chat-template", "built-in template name (llama2, llama3, chatml, internlm2, vicuna) or a template file",
          cxxopts::value<std::string>());
@@ -52,6 +53,8 @@ inline EngineOptions engine_options(const cxxopts::ParseResult& a) {
     eo.max_batch_tokens = a["max-batch-tokens"].as<int>();
     eo.max_batch_size = a["max-batch-size"].as<int>();
     eo.quant_policy = a["quant-policy"].as<int>();
+    eo.tp = a["tp"].as<int>();
+    if (eo.tp < 0 || eo.tp > 64) throw UsageError("--tp must be in 1..64");
     if (eo.quant_policy != -1 && eo.quant_policy != 0 && eo.quant_policy != 4 && eo.quant_policy != 8)
         throw UsageError("--quant-policy must be 0, 4 or 8");
     if (a.count("chat-template")) eo.chat_template = a["chat-template"].as<std::string>();

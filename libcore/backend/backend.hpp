@@ -82,6 +82,8 @@ struct ForwardObserver {
     virtual void observe(int layer, Point p, const float* rows, int T, size_t ld, int width) = 0;
 };
 
+class Communicator;
+
 struct CpuBackendOptions {
     int threads = 0;   // 0: all cores
     int kv_quant = 0;  // quant_policy: 0 (fp32 cache), 8 (int8) or 4 (int4)
@@ -89,9 +91,15 @@ struct CpuBackendOptions {
     // offset; tm/qparams.hpp); empty: computed per token and head.
     std::vector<float> kv_params;
     ForwardObserver* observer = nullptr;
+    // Tensor parallelism: this backend is rank comm->rank() of comm->size()
+    // (the workspace's tp) and sums its partial outputs through comm. Null: tp 1.
+    Communicator* comm = nullptr;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);
+// All the workspace's tp ranks in one process, each on its own thread with
+// `threads` / tp cores, summing through a LocalGroup: logits gathered whole.
+std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBackendOptions& opt);
 
 struct CudaBackendOptions {
     int device = 0;

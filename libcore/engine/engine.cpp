@@ -18,6 +18,7 @@
 #include "base/mapped_file.hpp"
 #include "engine/block_manager.hpp"
 #include "engine/sampler.hpp"
+#include "model/tp_split.hpp"
 #include "tm/device.hpp"
 #include "tm/error.hpp"
 #include "tm/qparams.hpp"
@@ -177,22 +178,32 @@ namespace {
 
 bool is_workspace(const std::string& path) { return path_exists(path + "/manifest.json"); }
 
-// tm-qparams' scales for rank 0 (formats/workspace.md), [layers][4][kv_heads].
+// tm-qparams' scales (formats/workspace.md) for the whole model,
+// [layers][4][kv_heads], assembled from every rank's file.
 std::vector<float> static_kv_params(const Workspace& ws, int bits) {
-    const std::string rel = kv_qparams_path(0, bits);
-    if (!ws.has_file(rel))
-        throw Error(ws.dir() + ": kv_scales = static but the workspace has no int" + std::to_string(bits) +
-                    " scales (run tm-qparams " + ws.dir() + " --kv int" + std::to_string(bits) +
-                    ", or set kv_scales = online)");
-    WeightView v = ws.tensor_at(rel);
     const ModelConfig& m = ws.model();
-    if (v.dtype != DType::F32 || v.shape != std::vector<int64_t>{m.num_layers, 4, m.num_kv_heads})
-        throw Error(ws.dir() + "/" + rel + ": not [layers, 4, kv_heads] fp32");
-    const float* f = static_cast<const float*>(v.data);
-    std::vector<float> out(f, f + v.numel());
-    for (size_t i = 0; i < out.size(); ++i)
-        if (!std::isfinite(out[i]) || ((i / size_t(m.num_kv_heads)) % 2 == 0 && !(out[i] > 0)))
-            throw Error(ws.dir() + "/" + rel + ": a scale is not a positive finite number");
+    const TpSplit sp = TpSplit::make(m, ws.tp());
+    std::vector<float> out(size_t(m.num_layers) * 4 * m.num_kv_heads, 0.0f);
+    for (int r = 0; r < ws.tp(); ++r) {
+        const std::string rel = kv_qparams_path(r, bits);
+        if (!ws.has_file(rel))
+            throw Error(ws.dir() + ": kv_scales = static but the workspace has no int" + std::to_string(bits) +
+                        " scales (run tm-qparams " + ws.dir() + " --kv int" + std::to_string(bits) +
+                        ", or set kv_scales = online)");
+        WeightView v = ws.tensor_at(rel);
+        const int hk = sp.kv_heads, h0 = sp.kv_head_begin(r);
+        if (v.dtype != DType::F32 || v.shape != std::vector<int64_t>{m.num_layers, 4, hk})
+            throw Error(ws.dir() + "/" + rel + ": not [layers, 4, kv heads of the rank] fp32");
+        const float* f = static_cast<const float*>(v.data);
+        for (int l = 0; l < m.num_layers; ++l)
+            for (int row = 0; row < 4; ++row)
+                for (int h = 0; h < hk; ++h) {
+                    const float x = f[(size_t(l) * 4 + row) * hk + h];
+                    if (!std::isfinite(x) || (row % 2 == 0 && !(x > 0)))
+                        throw Error(ws.dir() + "/" + rel + ": a scale is not a positive finite number");
+                    out[(size_t(l) * 4 + row) * m.num_kv_heads + h0 + h] = x;
+                }
+    }
     return out;
 }
 
@@ -247,6 +258,11 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         throw Error("unknown device \"" + device + "\" (cpu, cuda or auto)");
     const int kv_quant = opt.quant_policy >= 0 ? opt.quant_policy : im->ws->engine().quant_policy;
     if (kv_quant != 0 && kv_quant != 4 && kv_quant != 8) throw Error("quant_policy must be 0, 4 or 8");
+    const int tp = im->ws->tp();
+    if (opt.tp != 0 && opt.tp != tp)
+        throw Error(im->ws->dir() + ": converted for --tp " + std::to_string(tp) + ", asked to run with --tp " +
+                    std::to_string(opt.tp) + " (run with --tp " + std::to_string(tp) + ", or convert again with --tp " +
+                    std::to_string(opt.tp) + ")");
     std::string why;
     const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
     if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
@@ -268,7 +284,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         co.threads = opt.threads;
         co.kv_quant = kv_quant;
         co.kv_params = std::move(kv_params);
-        im->backend = make_cpu_backend(*im->ws, co);
+        im->backend = make_cpu_tp_backend(*im->ws, co);
     }
 
     const EngineConfig& ec = im->ws->engine();

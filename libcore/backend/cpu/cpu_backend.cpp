@@ -8,10 +8,12 @@
 #include <cstring>
 
 #include "backend/backend.hpp"
+#include "backend/comm.hpp"
 #include "backend/cpu/kernels.hpp"
 #include "backend/cpu/thread_pool.hpp"
 #include "model/weight_names.hpp"
 #include "model/rope.hpp"
+#include "model/tp_split.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
 
@@ -55,6 +57,7 @@ private:
     Weight weight(const Workspace& ws, const std::string& name, int rows, int cols);
     Weight linear(const Workspace& ws, const std::string& name, int rows, int cols);
     void gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate);
+    void add_projection(const Weight& w, const float* in, size_t ld_in, int T);
     template <class F>
     void rows(int T, F&& f);  // f(row) in parallel over rows
     void attention_layer(const BatchPlan& plan, int layer, int T);
@@ -78,6 +81,10 @@ private:
     // then K scale, K min, V scale, V min, each [kv_heads][block_size] floats.
     ForwardObserver* obs_ = nullptr;
     int kvq_ = 0;
+    Communicator* comm_ = nullptr;
+    int rank_ = 0;
+    int out_rows_ = 0;          // rows of the output projection on this rank (vocab, or vocab / tp)
+    std::vector<float> part_;   // tp > 1: a rank's partial wo / w2 output, summed across ranks
     std::vector<float> kv_params_;  // static scales, or empty
     struct QLayout {
         size_t k_row = 0, v_row = 0, v_off = 0, ks_off = 0, km_off = 0, vs_off = 0, vm_off = 0, layer_bytes = 0;
@@ -92,7 +99,7 @@ private:
 };
 
 Weight CpuBackend::weight(const Workspace& ws, const std::string& name, int rows, int cols) {
-    WeightView v = ws.tensor(0, name);
+    WeightView v = ws.tensor(rank_, name);
     const int64_t want = int64_t(rows) * cols;
     if (v.numel() != want || (v.dtype != DType::BF16 && v.dtype != DType::F16) || v.dtype != cfg_.weight_dtype)
         throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
@@ -112,9 +119,23 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     : cfg_(ws.model()),
       k_(cpu::cpu_kernels()),
       pool_(opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()))) {
-    if (ws.tp() != 1)
-        throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) +
-                    "; the CPU backend runs tp=1 workspaces (convert again without --tp)");
+    const int tp = opt.comm ? opt.comm->size() : 1;
+    if (ws.tp() != tp)
+        throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) + "; this backend runs " +
+                    std::to_string(tp) + " rank" + (tp > 1 ? "s" : "") + " (convert again, or run with --tp " +
+                    std::to_string(ws.tp()) + ")");
+    comm_ = opt.comm;
+    rank_ = comm_ ? comm_->rank() : 0;
+    if (tp > 1) {
+        // This rank's share: its heads, KV heads and MLP columns.
+        const TpSplit sp = TpSplit::make(cfg_, tp);
+        cfg_.num_heads = sp.heads;
+        cfg_.num_kv_heads = sp.kv_heads;
+        cfg_.intermediate_size = sp.inter;
+        if (sp.vocab_split && !cfg_.tie_word_embeddings) out_rows_ = cfg_.vocab_size / tp;
+        if (opt.observer) throw Error("calibration runs on tp 1 workspaces");
+    }
+    if (out_rows_ == 0) out_rows_ = cfg_.vocab_size;
     if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
         throw Error(ws.dir() + ": the CPU backend reads bf16 or fp16 weights");
     if (cfg_.num_heads % cfg_.num_kv_heads != 0 || cfg_.num_heads / cfg_.num_kv_heads > 64)
@@ -131,13 +152,13 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
     emb_ = weight(ws, wname::kEmbedding, V, H);
     final_norm_ = weight(ws, wname::kFinalNorm, 1, H);
-    output_ = linear(ws, cfg_.tie_word_embeddings ? wname::kEmbedding : wname::kOutput, V, H);
+    output_ = linear(ws, cfg_.tie_word_embeddings ? wname::kEmbedding : wname::kOutput, out_rows_, H);
     for (int l = 0; l < cfg_.num_layers; ++l) {
         Layer L;
         L.attn_norm = weight(ws, wname::layer(l, wname::kAttnNorm), 1, H);
         L.wqkv = linear(ws, wname::layer(l, wname::kWqkv), qkv, H);
         if (cfg_.attn_bias) {
-            WeightView b = ws.tensor(0, wname::layer(l, wname::kBqkv));
+            WeightView b = ws.tensor(rank_, wname::layer(l, wname::kBqkv));
             if (b.numel() != qkv) throw Error(ws.dir() + ": qkv bias of layer " + std::to_string(l) + " has the wrong size");
             L.bqkv.resize(size_t(qkv));
             convert_floats(b.dtype, b.data, DType::F32, L.bqkv.data(), size_t(qkv));
@@ -194,10 +215,28 @@ void CpuBackend::init(const BackendLimits& limits) {
     gu_.resize(T * 2 * I);
     act_.resize(T * I);
     hn_.resize(size_t(lim_.max_logit_rows) * H);
-    logits_.resize(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
+    logits_.resize(size_t(lim_.max_logit_rows) * size_t(out_rows_));
+    if (comm_) part_.resize(T * H);
     const size_t group = size_t(cfg_.num_heads / cfg_.num_kv_heads);
     scratch_.resize(size_t(pool_.size()) * group * size_t(lim_.max_context));
     row_seq_.resize(T);
+}
+
+// x += in · wᵀ; with tensor parallelism the ranks' partial products are
+// summed first (each rank holds some input columns of w).
+void CpuBackend::add_projection(const Weight& w, const float* in, size_t ld_in, int T) {
+    const size_t H = size_t(cfg_.hidden_size);
+    if (!comm_) {
+        gemm(w, in, ld_in, T, x_.data(), H, true);
+        return;
+    }
+    gemm(w, in, ld_in, T, part_.data(), H, false);
+    comm_->all_reduce_sum(part_.data(), size_t(T) * H);
+    rows(T, [&](int r) {
+        float* x = x_.data() + size_t(r) * H;
+        const float* p = part_.data() + size_t(r) * H;
+        for (size_t i = 0; i < H; ++i) x[i] += p[i];
+    });
 }
 
 void CpuBackend::gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate) {
@@ -398,7 +437,7 @@ float* CpuBackend::forward(const BatchPlan& plan) {
         }
         attention_layer(plan, int(l), T);
         if (obs_) obs_->observe(int(l), ForwardObserver::WoIn, attn_.data(), T, qs, int(qs));
-        gemm(Ly.wo, attn_.data(), qs, T, x_.data(), H, true);
+        add_projection(Ly.wo, attn_.data(), qs, T);
         rows(T, [&](int r) {
             k_.rmsnorm(x_.data() + size_t(r) * H, Ly.ffn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
         });
@@ -409,7 +448,7 @@ float* CpuBackend::forward(const BatchPlan& plan) {
             k_.silu_mul(g, g + I, act_.data() + size_t(r) * I, int(I));
         });
         if (obs_) obs_->observe(int(l), ForwardObserver::W2In, act_.data(), T, I, int(I));
-        gemm(Ly.w2, act_.data(), I, T, x_.data(), H, true);
+        add_projection(Ly.w2, act_.data(), I, T);
     }
     if (L == 0) {
         last_logit_rows_ = 0;
@@ -419,7 +458,7 @@ float* CpuBackend::forward(const BatchPlan& plan) {
         k_.rmsnorm(x_.data() + size_t(plan.logit_rows[size_t(i)]) * H, final_norm_.data, wtype_, int(H), eps,
                    hn_.data() + size_t(i) * H);
     });
-    gemm(output_, hn_.data(), H, L, logits_.data(), size_t(cfg_.vocab_size), false);
+    gemm(output_, hn_.data(), H, L, logits_.data(), size_t(out_rows_), false);
     last_logit_rows_ = L;
     return logits_.data();
 }

@@ -39,6 +39,7 @@ struct EngineOptions {
     int max_batch_tokens = 0;      // tokens per step (decode + prefill chunks); 0: 512
     int max_batch_size = 0;        // sequences per step; 0: 256
     int quant_policy = -1;         // KV cache: 0 (16/32-bit), 8 (int8), 4 (int4); -1: config.ini's
+    int tp = 0;                    // tensor-parallel ranks; 0: the workspace's (must match it)
     std::string chat_template;     // built-in name or template text; empty: the tokenizer's
     std::function<void(const std::string&)> log;  // notices (e.g. the backend chosen); default: none
 };

@@ -1,0 +1,44 @@
+#include "backend/comm.hpp"
+
+namespace tmc {
+
+class LocalGroup::Rank final : public Communicator {
+public:
+    Rank(LocalGroup& g, int r) : g_(g), r_(r) {}
+    int rank() const override { return r_; }
+    int size() const override { return g_.n_; }
+
+    // Each rank sums its slice of every rank's buffer (rank order) into rank
+    // 0's buffer, then copies the whole result back: 3 barriers.
+    void all_reduce_sum(float* x, size_t n) override {
+        const int N = g_.n_;
+        if (N == 1) return;
+        g_.ptrs_[size_t(r_)] = x;
+        g_.bar_.arrive_and_wait();
+        const size_t lo = n * size_t(r_) / size_t(N), hi = n * size_t(r_ + 1) / size_t(N);
+        float* out = g_.ptrs_[0];
+        for (size_t i = lo; i < hi; ++i) {
+            float s = g_.ptrs_[0][i];
+            for (int k = 1; k < N; ++k) s += g_.ptrs_[size_t(k)][i];
+            out[i] = s;
+        }
+        g_.bar_.arrive_and_wait();
+        if (r_ != 0)
+            for (size_t i = 0; i < n; ++i) x[i] = out[i];
+        g_.bar_.arrive_and_wait();  // rank 0's buffer is read until here
+    }
+
+private:
+    LocalGroup& g_;
+    int r_;
+};
+
+LocalGroup::LocalGroup(int n) : n_(n), bar_(n), ptrs_(size_t(n), nullptr) {
+    for (int r = 0; r < n; ++r) ranks_.push_back(std::make_unique<Rank>(*this, r));
+}
+
+LocalGroup::~LocalGroup() = default;
+
+Communicator& LocalGroup::comm(int rank) { return *ranks_[size_t(rank)]; }
+
+}  // namespace tmc

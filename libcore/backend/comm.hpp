@@ -1,0 +1,41 @@
+// Tensor-parallel communication between the ranks of one model: the sum of
+// every rank's partial output (after wo and w2). LocalGroup runs the ranks as
+// threads of one process over shared memory (the CPU backend, and tests on
+// any machine); the NCCL communicator (one GPU per rank) has the same shape.
+#pragma once
+
+#include <barrier>
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+namespace tmc {
+
+class Communicator {
+public:
+    virtual ~Communicator() = default;
+    virtual int rank() const = 0;
+    virtual int size() const = 0;
+    // x[0, n) = the sum over ranks of x[0, n), in rank order (every rank
+    // gets the same bits). Every rank calls it with the same n.
+    virtual void all_reduce_sum(float* x, size_t n) = 0;
+};
+
+// N ranks as threads sharing memory. Each rank's thread uses comm(rank).
+class LocalGroup {
+public:
+    explicit LocalGroup(int n);
+    ~LocalGroup();
+    int size() const { return n_; }
+    Communicator& comm(int rank);
+
+private:
+    class Rank;
+    friend class Rank;
+    int n_;
+    std::barrier<> bar_;
+    std::vector<float*> ptrs_;
+    std::vector<std::unique_ptr<Rank>> ranks_;
+};
+
+}  // namespace tmc

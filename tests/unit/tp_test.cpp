@@ -1,0 +1,147 @@
+// Tensor parallelism on the CPU (ranks as threads, shared-memory all-reduce):
+// a workspace converted with --tp N gives the logits of --tp 1 within 1e-4
+// and the same greedy tokens, on every architecture, replicated KV heads
+// included; the engine refuses a workspace run with another tp.
+#include <random>
+#include <thread>
+
+#include "backend/backend.hpp"
+#include "backend/comm.hpp"
+#include "test_util.hpp"
+#include "tm/engine.hpp"
+#include "tm/error.hpp"
+#include "tm/workspace.hpp"
+
+namespace {
+
+struct Ws {
+    tmtest::TempDir d;
+    std::unique_ptr<tmc::Workspace> ws;
+    Ws(const std::string& model, int tp) {
+        tmc::ConvertOptions opt;
+        opt.tp = tp;
+        tmc::convert_hf_model(tmtest::shared_dir() + "/models/" + model, d / "ws", opt);
+        ws = std::make_unique<tmc::Workspace>(d / "ws");
+    }
+};
+
+std::unique_ptr<tmc::Backend> backend(const tmc::Workspace& ws) {
+    tmc::CpuBackendOptions o;
+    o.threads = 2;
+    auto be = tmc::make_cpu_tp_backend(ws, o);
+    tmc::BackendLimits lim;
+    lim.num_blocks = 64, lim.block_size = 4, lim.max_batch_tokens = 64, lim.max_logit_rows = 64, lim.max_context = 128;
+    be->init(lim);
+    return be;
+}
+
+TEST(LocalGroup, AllReduceSumsInRankOrder) {
+    for (int n : {1, 2, 3, 4}) {
+        tmc::LocalGroup g(n);
+        std::vector<std::vector<float>> bufs{size_t(n)};
+        std::vector<std::thread> th;
+        for (int r = 0; r < n; ++r) {
+            bufs[size_t(r)].assign(1001, float(r + 1));
+            th.emplace_back([&, r] {
+                for (int rep = 0; rep < 3; ++rep) g.comm(r).all_reduce_sum(bufs[size_t(r)].data(), 1001);
+            });
+        }
+        for (auto& t : th) t.join();
+        // Three reductions: (n(n+1)/2) * n * n.
+        const float want = float(n * (n + 1) / 2) * float(n) * float(n);
+        for (int r = 0; r < n; ++r)
+            for (float x : bufs[size_t(r)]) ASSERT_EQ(x, want) << "n " << n << " rank " << r;
+    }
+}
+
+TEST(TensorParallel, LogitsMatchOneRankOnEveryArchitecture) {
+    struct Case { const char* model; int tp; };
+    for (Case c : {Case{"tinytech-25m", 2}, Case{"random-qwen2", 2}, Case{"random-qwen3", 2}, Case{"random-mistral", 2},
+                   Case{"random-qwen3", 4}, Case{"random-mistral", 4}}) {
+        Ws one(c.model, 1), many(c.model, c.tp);
+        auto b1 = backend(*one.ws), bn = backend(*many.ws);
+        const int V = one.ws->model().vocab_size;
+        std::mt19937 rng(11);
+        // Two sequences: a prefill in two chunks, then greedy decode steps.
+        std::vector<std::vector<int>> seqs = {std::vector<int>(23), std::vector<int>(9)};
+        for (auto& s : seqs)
+            for (auto& t : s) t = 3 + int(rng() % uint32_t(V - 3));
+        std::vector<std::vector<int>> blocks = {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, {20, 21, 22, 23, 24, 25, 26}};
+        std::vector<int> done = {0, 0};
+        std::vector<int> upto = {12, 9};
+        for (int step = 0; step < 8; ++step) {
+            tmc::BatchPlan p;
+            for (size_t s = 0; s < seqs.size(); ++s) {
+                tmc::BatchPlan::Seq q;
+                q.row_begin = int(p.tokens.size());
+                q.n_rows = upto[s] - done[s];
+                q.ctx_len = upto[s];
+                q.blocks = blocks[s].data();
+                q.n_blocks = int(blocks[s].size());
+                for (int i = done[s]; i < upto[s]; ++i) p.tokens.push_back(seqs[s][size_t(i)]), p.positions.push_back(i);
+                p.logit_rows.push_back(q.row_begin + q.n_rows - 1);
+                p.seqs.push_back(q);
+            }
+            const float* l1 = b1->forward(p);
+            std::vector<float> want(l1, l1 + 2 * size_t(V));
+            const float* ln = bn->forward(p);
+            for (size_t s = 0; s < 2; ++s) {
+                const float* w = want.data() + s * size_t(V);
+                const float* g = ln + s * size_t(V);
+                float err = 0;
+                for (int i = 0; i < V; ++i) err = std::max(err, std::abs(w[i] - g[i]));
+                EXPECT_LT(err, 1e-4f) << c.model << " tp " << c.tp << " step " << step << " seq " << s;
+                const int a1 = int(std::max_element(w, w + V) - w), an = int(std::max_element(g, g + V) - g);
+                EXPECT_EQ(a1, an) << c.model << " tp " << c.tp << " step " << step;
+                done[s] = upto[s];
+                if (upto[s] < int(seqs[s].size())) upto[s] = int(seqs[s].size());  // the rest of the prompt
+                else {
+                    seqs[s].push_back(a1);  // greedy decode
+                    upto[s] = int(seqs[s].size());
+                }
+            }
+        }
+    }
+}
+
+TEST(TensorParallel, EngineRunsTp2AndRefusesAnotherTp) {
+    Ws two("tinytech-25m", 2), one("tinytech-25m", 1);
+    tmc::EngineOptions eo;
+    eo.device = "cpu";
+    eo.threads = 2;
+    auto e2 = tmc::Engine::open(two.d / "ws", eo);
+    auto e1 = tmc::Engine::open(one.d / "ws", eo);
+    // A two-turn session and a batch give the tokens of tp 1.
+    auto answer = [](tmc::Engine& e, std::vector<int> prompt, std::optional<uint64_t> session) {
+        tmc::Request r;
+        r.prompt = std::move(prompt);
+        r.sampling.temperature = 0;
+        r.sampling.max_tokens = 12;
+        r.session_id = session;
+        auto st = e.generate(std::move(r));
+        std::vector<int> ids;
+        tmc::Output o;
+        int cached = 0;
+        while (st.next(o)) {
+            ids.insert(ids.end(), o.token_ids.begin(), o.token_ids.end());
+            cached = o.usage.cached_tokens;
+        }
+        return std::make_pair(ids, cached);
+    };
+    auto p1 = e1->encode_chat({{"user", "Hello there"}});
+    auto a1 = answer(*e1, p1, 1), a2 = answer(*e2, p1, 1);
+    EXPECT_EQ(a1.first, a2.first);
+    std::vector<int> turn2 = p1;
+    turn2.insert(turn2.end(), a1.first.begin(), a1.first.end());
+    auto more = e1->tokenizer().encode(" And then?", false);
+    turn2.insert(turn2.end(), more.begin(), more.end());
+    auto b1 = answer(*e1, turn2, 1), b2 = answer(*e2, turn2, 1);
+    EXPECT_EQ(b1.first, b2.first);
+    EXPECT_GE(b2.second, int(p1.size()));  // the second turn came from the session's cache
+    eo.tp = 1;
+    EXPECT_THROW(tmc::Engine::open(two.d / "ws", eo), tmc::Error);
+    eo.tp = 2;
+    EXPECT_THROW(tmc::Engine::open(one.d / "ws", eo), tmc::Error);
+}
+
+}  // namespace
