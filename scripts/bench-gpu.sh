@@ -23,13 +23,7 @@ SUBSET=${4:-128}
 OUTDIR=${OUT:-$W/out}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$W/llama8b" "$OUTDIR"
-cat > "$W/llama8b/config.json" <<'EOF'
-{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
- "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
- "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
- "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
- "attention_bias": false, "mlp_bias": false, "dtype": "bfloat16"}
-EOF
+cp "$HERE/llama3-8b-config.json" "$W/llama8b/config.json"
 cp "$SHARED/tokenizers/llama3/"tokenizer*.json "$W/llama8b/"
 t=$(date +%s)
 [ -f "$W/llama8b/model.safetensors.index.json" ] || [ -f "$W/llama8b/model.safetensors" ] ||

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <functional>
 #include <vector>
 
 #include "tm/model_config.hpp"
@@ -99,15 +100,30 @@ struct CpuBackendOptions {
 std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);
 // All the workspace's tp ranks in one process, each on its own thread with
 // `threads` / tp cores, summing through a LocalGroup: logits gathered whole.
+// (tp 1: make_cpu_backend.)
 std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBackendOptions& opt);
+
+// tp ranks built by `make(rank)` on their own threads, run together each step;
+// `keep` holds what they share until they are gone (tp_backend.cpp).
+using RankFactory = std::function<std::unique_ptr<Backend>(int rank)>;
+std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep);
+// Static KV scales of the whole model ([layers][4][kv_heads]) -> rank's heads.
+std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelConfig& m, int tp, int rank);
 
 struct CudaBackendOptions {
     int device = 0;
     int kv_quant = 0;              // quant_policy: 0 (16-bit cache), 8 or 4
     std::vector<float> kv_params;  // static scales as CpuBackendOptions::kv_params; empty: per token
+    // Tensor parallelism: rank `rank` of `tp` (the workspace's); make_comm
+    // builds its communicator on the backend's stream (a cudaStream_t).
+    int tp = 1, rank = 0;
+    std::function<std::unique_ptr<Communicator>(void* stream)> make_comm;
 };
 
 // Throws tmc::Error when this build has no CUDA or the device/cuBLAS is unusable.
 std::unique_ptr<Backend> make_cuda_backend(const Workspace& ws, const CudaBackendOptions& opt);
+// The workspace's tp ranks on GPUs 0 .. tp-1, summing through NCCL (tp 1:
+// make_cuda_backend). Throws when fewer GPUs are visible or NCCL is missing.
+std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBackendOptions& opt);
 
 }  // namespace tmc

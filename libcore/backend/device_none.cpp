@@ -16,4 +16,8 @@ std::unique_ptr<Backend> make_cuda_backend(const Workspace&, const CudaBackendOp
     throw Error("this build has no CUDA backend (built with CUDA=0); use --device cpu");
 }
 
+std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBackendOptions& opt) {
+    return make_cuda_backend(ws, opt);
+}
+
 }  // namespace tmc

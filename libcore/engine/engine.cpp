@@ -273,7 +273,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
             CudaBackendOptions cbo;
             cbo.kv_quant = kv_quant;
             cbo.kv_params = kv_params;
-            im->backend = make_cuda_backend(*im->ws, cbo);
+            im->backend = make_cuda_tp_backend(*im->ws, cbo);
         } catch (const Error& e) {
             if (device == "cuda") throw;
             if (opt.log) opt.log(std::string("CUDA backend unavailable (") + e.what() + "); using the CPU");

@@ -410,4 +410,54 @@ TEST(CudaBackend, QuantizedKvCacheMatchesCpu) {
     }
 }
 
+// Tensor parallelism over GPUs 0 .. tp-1 (NCCL): the logits of a --tp 2
+// workspace against --tp 1 on the same GPUs, prefill then graph-replayed
+// decode steps. Needs two GPUs.
+TEST(CudaBackend, TensorParallelMatchesOneRank) {
+    int n = 0;
+    ASSERT_EQ(cudaSuccess, cudaGetDeviceCount(&n));
+    if (n < 2) GTEST_SKIP() << "one GPU: tensor parallelism needs two";
+    for (const char* m : {"tinytech-25m", "random-qwen3"}) {
+        char tmpl[] = "/tmp/tm-gpu-XXXXXX";
+        std::string dir = mkdtemp(tmpl);
+        tmc::ConvertOptions c1, c2;
+        c2.tp = 2;
+        tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws1", c1);
+        tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws2", c2);
+        tmc::Workspace ws1(dir + "/ws1"), ws2(dir + "/ws2");
+        auto one = tmc::make_cuda_tp_backend(ws1, {});
+        auto two = tmc::make_cuda_tp_backend(ws2, {});
+        tmc::BackendLimits lim;
+        lim.num_blocks = 64, lim.block_size = 16, lim.max_batch_tokens = 256, lim.max_logit_rows = 256, lim.max_context = 512;
+        one->init(lim);
+        two->init(lim);
+        const int V = ws1.model().vocab_size;
+        std::uniform_int_distribution<int> tokd(3, V - 1);
+        std::vector<int> seq(40);
+        for (auto& t : seq) t = tokd(rng());
+        std::vector<int> table = {0, 1, 2, 3};
+        for (int step = 0; step < 5; ++step) {
+            tmc::BatchPlan p;
+            const int from = step == 0 ? 0 : int(seq.size()) - 1;
+            if (step > 0) seq.push_back(tokd(rng()));
+            tmc::BatchPlan::Seq q;
+            q.row_begin = 0, q.n_rows = int(seq.size()) - from, q.ctx_len = int(seq.size());
+            q.blocks = table.data(), q.n_blocks = int(table.size());
+            for (int i = from; i < int(seq.size()); ++i) p.tokens.push_back(seq[size_t(i)]), p.positions.push_back(i);
+            p.logit_rows.push_back(q.n_rows - 1);
+            p.seqs.push_back(q);
+            const float* a = one->forward(p);
+            std::vector<float> want(a, a + V);
+            const float* b = two->forward(p);
+            float scale = 0, err = 0;
+            for (int i = 0; i < V; ++i) scale = std::max(scale, std::abs(want[size_t(i)])), err = std::max(err, std::abs(want[size_t(i)] - b[i]));
+            EXPECT_LT(err, 0.05f * scale + 0.05f) << m << " step " << step;
+            EXPECT_EQ(std::max_element(want.begin(), want.end()) - want.begin(), std::max_element(b, b + V) - b)
+                << m << " step " << step;
+        }
+        std::string cmd = "rm -rf " + dir;
+        (void)!system(cmd.c_str());
+    }
+}
+
 }  // namespace

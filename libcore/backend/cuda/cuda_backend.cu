@@ -11,7 +11,10 @@
 
 #include "backend/backend.hpp"
 #include "backend/cpu/kernels.hpp"
+#include "backend/comm.hpp"
 #include "backend/cuda/cublas_dyn.hpp"
+#include "backend/cuda/nccl_comm.hpp"
+#include "model/tp_split.hpp"
 #include "kernels/kernels.cuh"
 #include "model/rope.hpp"
 #include "model/weight_names.hpp"
@@ -70,6 +73,7 @@ private:
     };
     DevWeight upload(const Workspace& ws, const std::string& name, int rows, int cols);
     void gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta);
+    void add_projection(const DevWeight& w, const void* in, int T);
     size_t step_bytes(int max_tokens) const;
     void launched(const char* what) { check(cudaGetLastError(), what); }
     void run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows, size_t o_boff,
@@ -94,6 +98,9 @@ private:
     BackendLimits lim_;
     int kv_bits_ = 16;
     DevBuf<float> kv_params_;  // static scales (quantized cache), or empty
+    int rank_ = 0;
+    int out_rows_ = 0;  // rows of the output projection on this rank (vocab, or vocab / tp)
+    std::unique_ptr<Communicator> comm_;  // tp > 1
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
     DevBuf<float> x_, qkv_, logits_, attn_split_;
@@ -108,7 +115,7 @@ private:
 };
 
 DevWeight CudaBackend::upload(const Workspace& ws, const std::string& name, int rows, int cols) {
-    WeightView v = ws.tensor(0, name);
+    WeightView v = ws.tensor(rank_, name);
     if (v.numel() != int64_t(rows) * cols || v.dtype != cfg_.weight_dtype)
         throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
     const size_t aligned = (v.bytes + 255) / 256 * 256;
@@ -120,9 +127,20 @@ DevWeight CudaBackend::upload(const Workspace& ws, const std::string& name, int 
 }
 
 CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : cfg_(ws.model()) {
-    if (ws.tp() != 1)
-        throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) +
-                    "; this build runs tp=1 workspaces (convert again without --tp)");
+    if (ws.tp() != opt.tp)
+        throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) + "; this backend runs " +
+                    std::to_string(opt.tp) + " rank(s)");
+    rank_ = opt.rank;
+    out_rows_ = cfg_.vocab_size;
+    if (opt.tp > 1) {
+        // This rank's share: its heads, KV heads, MLP columns, vocabulary rows.
+        const TpSplit sp = TpSplit::make(cfg_, opt.tp);
+        cfg_.num_heads = sp.heads;
+        cfg_.num_kv_heads = sp.kv_heads;
+        cfg_.intermediate_size = sp.inter;
+        if (sp.vocab_split && !cfg_.tie_word_embeddings) out_rows_ = cfg_.vocab_size / opt.tp;
+        if (!opt.make_comm) throw Error("cuda backend: tensor parallelism without a communicator");
+    }
     if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
         throw Error(ws.dir() + ": the CUDA backend reads bf16 or fp16 weights");
     const int group = cfg_.num_heads / cfg_.num_kv_heads;
@@ -146,17 +164,19 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     check(cb.set_stream(blas_, stream_), "cublasSetStream");
     blas_ws_.alloc(size_t(32) << 20);
     check(cb.set_workspace(blas_, blas_ws_.p, blas_ws_.n), "cublasSetWorkspace");
+    if (opt.tp > 1) comm_ = opt.make_comm(stream_);
 
     size_t total = 0;
+    const std::string mine = "weights/rank" + std::to_string(rank_) + "/";
     for (auto& f : ws.manifest().files)
-        if (f.is_tensor) total += (f.bytes + 255) / 256 * 256;
+        if (f.is_tensor && f.path.rfind(mine, 0) == 0) total += (f.bytes + 255) / 256 * 256;
     check(cudaMalloc(&arena_, total), "cudaMalloc (weights)");
     arena_size_ = total;
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
     const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
     emb_ = upload(ws, wname::kEmbedding, V, H);
     final_norm_ = upload(ws, wname::kFinalNorm, 1, H);
-    output_ = cfg_.tie_word_embeddings ? emb_ : upload(ws, wname::kOutput, V, H);
+    output_ = cfg_.tie_word_embeddings ? emb_ : upload(ws, wname::kOutput, out_rows_, H);
     for (int l = 0; l < cfg_.num_layers; ++l) {
         Layer L;
         L.attn_norm = upload(ws, wname::layer(l, wname::kAttnNorm), 1, H);
@@ -228,8 +248,8 @@ void CudaBackend::init(const BackendLimits& limits) {
     gu_.alloc(T * 2 * I);
     act_.alloc(T * I);
     hn_.alloc(size_t(lim_.max_logit_rows) * H);
-    logits_.alloc(size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size));
-    check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(cfg_.vocab_size) * 4), "cudaMallocHost");
+    logits_.alloc(size_t(lim_.max_logit_rows) * size_t(out_rows_));
+    check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(out_rows_) * 4), "cudaMallocHost");
     ids_.alloc(size_t(lim_.max_logit_rows));
     check(cudaMallocHost(&h_ids_, size_t(lim_.max_logit_rows) * 4), "cudaMallocHost");
     // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
@@ -325,19 +345,32 @@ float* CudaBackend::forward(const BatchPlan& plan) {
     } else {
         run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
     }
-    if (L > 0 && plan.greedy_only) {
+    if (L > 0 && plan.greedy_only && out_rows_ == cfg_.vocab_size) {
         // Greedy rows: only the token ids come back.
-        cuda::argmax_rows(logits_.p, L, cfg_.vocab_size, ids_.p, stream_);
+        cuda::argmax_rows(logits_.p, L, out_rows_, ids_.p, stream_);
         launched("argmax");
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
         check(cudaStreamSynchronize(stream_), "forward");
         return nullptr;
     }
     if (L > 0)
-        check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(cfg_.vocab_size) * 4, cudaMemcpyDeviceToHost, stream_),
+        check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(out_rows_) * 4, cudaMemcpyDeviceToHost, stream_),
               "logits download");
     check(cudaStreamSynchronize(stream_), "forward");
     return h_logits_;
+}
+
+// x += in · wᵀ (the residual add fused into the GEMM). With tensor
+// parallelism rank 0 adds its partial product to x and the others start from
+// zero, so the all-reduce leaves x + every rank's part on every rank.
+void CudaBackend::add_projection(const DevWeight& w, const void* in, int T) {
+    const int H = cfg_.hidden_size;
+    if (!comm_) {
+        gemm(w, in, T, x_.p, CUDA_R_32F, H, 1.0f);
+        return;
+    }
+    gemm(w, in, T, x_.p, CUDA_R_32F, H, rank_ == 0 ? 1.0f : 0.0f);
+    comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
 }
 
 // The kernels of one step, on stream_ (captured into a graph for decode).
@@ -369,18 +402,18 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
             cuda::paged_attention(dt_, aa, bd, kvl_, nullptr, T, stream_);
         }
         launched("paged_attention");
-        gemm(Ly.wo, attn_.p, T, x_.p, CUDA_R_32F, H, 1.0f);
+        add_projection(Ly.wo, attn_.p, T);
         cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
         launched("rmsnorm");
         gemm(Ly.w13, h_.p, T, gu_.p, cdt_, 2 * I, 0.0f);
         cuda::silu_mul(dt_, gu_.p, T, I, act_.p, stream_);
         launched("silu_mul");
-        gemm(Ly.w2, act_.p, T, x_.p, CUDA_R_32F, H, 1.0f);
+        add_projection(Ly.w2, act_.p, T);
     }
     if (L > 0) {
         cuda::rmsnorm(dt_, x_.p, d_lrows, L, H, final_norm_.ptr, eps, hn_.p, stream_);
         launched("rmsnorm");
-        gemm(output_, hn_.p, L, logits_.p, CUDA_R_32F, cfg_.vocab_size, 0.0f);
+        gemm(output_, hn_.p, L, logits_.p, CUDA_R_32F, out_rows_, 0.0f);
     }
 }
 
@@ -397,6 +430,28 @@ void CudaBackend::token_logprobs(const int* logit_index, const int* targets, int
 
 std::unique_ptr<Backend> make_cuda_backend(const Workspace& ws, const CudaBackendOptions& opt) {
     return std::make_unique<CudaBackend>(ws, opt);
+}
+
+std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBackendOptions& opt) {
+    const int tp = ws.tp();
+    if (tp == 1) return make_cuda_backend(ws, opt);
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n < tp)
+        throw Error(ws.dir() + ": --tp " + std::to_string(tp) + " needs " + std::to_string(tp) + " GPUs; " +
+                    std::to_string(n) + " visible");
+    const cuda::NcclId id = cuda::nccl_unique_id();
+    const Workspace* w = &ws;
+    return make_tp_backend(ws.model(), tp, [=](int r) {
+        CudaBackendOptions o = opt;
+        o.device = r;
+        o.tp = tp;
+        o.rank = r;
+        if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
+        o.make_comm = [id, r, tp](void* stream) {
+            return cuda::nccl_communicator(id, r, tp, static_cast<cudaStream_t>(stream));
+        };
+        return make_cuda_backend(*w, o);
+    }, nullptr);
 }
 
 }  // namespace tmc

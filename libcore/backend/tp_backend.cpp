@@ -1,0 +1,177 @@
+// Tensor parallelism: the workspace's tp ranks of one model in one process,
+// each rank a backend (CPU, or CUDA on its own GPU) over its own
+// weights/rank<R>/ files and its own share of the KV cache (its KV heads),
+// summing its partial outputs through a Communicator. Every rank runs the
+// same batch plan on its own thread (the thread that built it: a CUDA rank's
+// device stays current there); the logits of the ranks are gathered by
+// vocabulary slice.
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "backend/backend.hpp"
+#include "backend/comm.hpp"
+#include "backend/cpu/kernels.hpp"
+#include "model/tp_split.hpp"
+#include "tm/error.hpp"
+#include "tm/workspace.hpp"
+
+namespace tmc {
+
+std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelConfig& m, int tp, int rank) {
+    const TpSplit sp = TpSplit::make(m, tp);
+    const int nkv = m.num_kv_heads, h0 = sp.kv_head_begin(rank);
+    std::vector<float> v(size_t(m.num_layers) * 4 * sp.kv_heads);
+    for (int l = 0; l < m.num_layers; ++l)
+        for (int row = 0; row < 4; ++row)
+            for (int h = 0; h < sp.kv_heads; ++h)
+                v[(size_t(l) * 4 + row) * sp.kv_heads + h] = all[(size_t(l) * 4 + row) * nkv + h0 + h];
+    return v;
+}
+
+namespace {
+
+class TpBackend final : public Backend {
+public:
+    TpBackend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep)
+        : cfg_(full), keep_(std::move(keep)), ranks_(size_t(tp)), outs_(size_t(tp), nullptr) {
+        const TpSplit sp = TpSplit::make(cfg_, tp);
+        vocab_split_ = sp.vocab_split && !cfg_.tie_word_embeddings;
+        for (int r = 0; r < tp; ++r) workers_.emplace_back([this, r] { worker(r); });
+        // Built on the ranks' threads, together (NCCL ranks wait for each other).
+        run_all([&](int r) { ranks_[size_t(r)] = make(r); });
+    }
+
+    ~TpBackend() override {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+
+    std::string name() const override {
+        return ranks_[0]->name() + " x " + std::to_string(ranks_.size()) + " tensor-parallel ranks";
+    }
+    const ModelConfig& config() const override { return cfg_; }
+    size_t kv_bytes_per_token() const override {
+        size_t b = 0;
+        for (auto& r : ranks_) b += r->kv_bytes_per_token();
+        return b;
+    }
+    size_t default_kv_bytes(double f, int t) const override {
+        return ranks_[0]->default_kv_bytes(f, t) * ranks_.size();  // each rank's device alike
+    }
+
+    void init(const BackendLimits& limits) override {
+        run_all([&](int r) { ranks_[size_t(r)]->init(limits); });
+        logits_.resize(size_t(limits.max_logit_rows) * size_t(cfg_.vocab_size));
+    }
+
+    float* forward(const BatchPlan& plan) override {
+        run_all([&](int r) { outs_[size_t(r)] = ranks_[size_t(r)]->forward(plan); });
+        last0_ = outs_[0];
+        if (!outs_[0]) return nullptr;  // greedy ids (only when every rank has the whole vocabulary)
+        if (!vocab_split_) return outs_[0];
+        // Rank r holds columns [r V/tp, (r+1) V/tp) of every logit row.
+        const size_t L = plan.logit_rows.size(), V = size_t(cfg_.vocab_size), n = ranks_.size(), Vr = V / n;
+        for (size_t r = 0; r < n; ++r)
+            for (size_t i = 0; i < L; ++i)
+                std::copy(outs_[r] + i * Vr, outs_[r] + (i + 1) * Vr, logits_.data() + i * V + r * Vr);
+        return logits_.data();
+    }
+
+    const int* greedy_ids() override { return ranks_[0]->greedy_ids(); }
+
+    void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override {
+        const size_t V = size_t(cfg_.vocab_size);
+        const float* logits = vocab_split_ ? logits_.data() : last0_;
+        const auto& k = cpu::cpu_kernels();
+        for (int i = 0; i < n; ++i) {
+            const float* lg = logits + size_t(logit_index[i]) * V;
+            out[i] = lg[targets[i]] - k.logsumexp(lg, int(V));
+        }
+    }
+
+private:
+    // Runs task(rank) on every rank's thread and waits; rethrows the first error.
+    void run_all(const std::function<void(int)>& task) {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            task_ = &task;
+            pending_ = int(workers_.size());
+            error_ = nullptr;
+            ++gen_;
+        }
+        cv_.notify_all();
+        std::unique_lock<std::mutex> lk(mu_);
+        done_cv_.wait(lk, [&] { return pending_ == 0; });
+        if (error_) std::rethrow_exception(error_);
+    }
+
+    void worker(int r) {
+        uint64_t seen = 0;
+        for (;;) {
+            const std::function<void(int)>* task;
+            {
+                std::unique_lock<std::mutex> lk(mu_);
+                cv_.wait(lk, [&] { return stop_ || gen_ != seen; });
+                if (stop_) return;
+                seen = gen_;
+                task = task_;
+            }
+            std::exception_ptr err;
+            try {
+                (*task)(r);
+            } catch (...) {
+                err = std::current_exception();
+            }
+            std::lock_guard<std::mutex> lk(mu_);
+            if (err && !error_) error_ = err;
+            if (--pending_ == 0) done_cv_.notify_all();
+        }
+    }
+
+    ModelConfig cfg_;
+    std::shared_ptr<void> keep_;  // what the ranks share (a LocalGroup)
+    bool vocab_split_ = false;
+    std::vector<std::unique_ptr<Backend>> ranks_;
+    std::vector<float*> outs_;
+    std::vector<std::thread> workers_;
+    std::mutex mu_;
+    std::condition_variable cv_, done_cv_;
+    const std::function<void(int)>* task_ = nullptr;
+    uint64_t gen_ = 0;
+    int pending_ = 0;
+    bool stop_ = false;
+    std::exception_ptr error_;
+    std::vector<float> logits_;
+    float* last0_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep) {
+    if (tp > 64) throw Error("more than 64 tensor-parallel ranks");
+    return std::make_unique<TpBackend>(full, tp, std::move(make), std::move(keep));
+}
+
+std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBackendOptions& opt) {
+    const int tp = ws.tp();
+    if (tp == 1) return make_cpu_backend(ws, opt);
+    auto group = std::make_shared<LocalGroup>(tp);
+    const int cores = opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()));
+    const Workspace* w = &ws;
+    return make_tp_backend(ws.model(), tp, [=](int r) {
+        CpuBackendOptions o = opt;
+        o.threads = std::max(1, cores / tp);
+        o.comm = &group->comm(r);
+        if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
+        return make_cpu_backend(*w, o);
+    }, group);
+}
+
+}  // namespace tmc

@@ -1,0 +1,58 @@
+#!/bin/sh
+# Tensor parallelism on a machine with two or more GPUs, one device call:
+#   1. the GPU tests (CudaBackend.TensorParallelMatchesOneRank runs with 2+ GPUs);
+#   2. the random Llama-3-8B-shaped model of scripts/bench-gpu.sh converted
+#      with --tp 1 and --tp 2; greedy outputs of --tp 2 equal to --tp 1 on
+#      the golden prompts' texts (32 tokens);
+#   3. batch-1 decode and offline throughput (sharegpt-like-1000) for --tp 1
+#      and --tp 2 (engine_bench), and the NCCL all-reduce of one decode step
+#      (4096 floats) and the bus bandwidth of large messages (allreduce_bench).
+# Target: --tp 2 batch-1 decode >= 1.6x --tp 1.
+# Usage: scripts/bench-tp.sh BIN_DIR SHARED_DIR [WORK_DIR] [GPU_TESTS]
+set -eu
+BIN=$1
+SHARED=$2
+W=${3:-/tmp/tm-tp}
+GPU_TESTS=${4:-}
+OUTDIR=${OUT:-$W/out}
+HERE=$(cd "$(dirname "$0")" && pwd)
+export NCCL_NVLS_ENABLE=0
+mkdir -p "$W/llama8b" "$OUTDIR"
+if [ -n "$GPU_TESTS" ]; then
+    TM_SHARED="$SHARED" "$GPU_TESTS" --gtest_filter='Nccl.*:CudaBackend.TensorParallel*' | tee "$OUTDIR/gpu-tests-tp.txt"
+fi
+"$BIN/allreduce_bench" 4096 | tee "$OUTDIR/allreduce.jsonl"
+cp "$HERE/llama3-8b-config.json" "$W/llama8b/config.json"
+cp "$SHARED/tokenizers/llama3/"tokenizer*.json "$W/llama8b/"
+[ -f "$W/llama8b/model.safetensors.index.json" ] || [ -f "$W/llama8b/model.safetensors" ] ||
+    python3 "$HERE/gen-random-hf.py" "$W/llama8b" > /dev/null
+[ -d "$W/ws1" ] || "$BIN/tm-convert" "$W/llama8b" -o "$W/ws1" > /dev/null
+[ -d "$W/ws2" ] || "$BIN/tm-convert" "$W/llama8b" -o "$W/ws2" --tp 2 > /dev/null
+python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" > "$W/greedy.jsonl" <<'PY'
+import json, sys
+for i, l in enumerate(open(sys.argv[1])):
+    g = json.loads(l)
+    if "prompt" in g:
+        print(json.dumps({"id": i, "prompt": g["prompt"], "temperature": 0, "max_tokens": 32, "ignore_eos": True,
+                          "return_token_ids": True}))
+PY
+"$BIN/tm-run" "$W/ws1" --device cuda --jsonl < "$W/greedy.jsonl" > "$OUTDIR/greedy-tp1.jsonl"
+"$BIN/tm-run" "$W/ws2" --device cuda --jsonl < "$W/greedy.jsonl" > "$OUTDIR/greedy-tp2.jsonl"
+python3 - "$OUTDIR/greedy-tp1.jsonl" "$OUTDIR/greedy-tp2.jsonl" <<'PY'
+import json, sys
+a = {j["id"]: j["token_ids"] for j in map(json.loads, open(sys.argv[1]))}
+b = {j["id"]: j["token_ids"] for j in map(json.loads, open(sys.argv[2]))}
+same = sum(a[k] == b[k] for k in a)
+print(f"greedy --tp 2 vs --tp 1: {same}/{len(a)} prompts equal over 32 tokens")
+PY
+for tp in 1 2; do
+    "$BIN/engine_bench" "$W/ws$tp" 0 cuda 4096 "$SHARED/bench/sharegpt-like-1000.jsonl" |
+        sed "s/^{/{\"tp\": $tp, /" | tee "$OUTDIR/tm-tp$tp.jsonl"
+done
+python3 - "$OUTDIR" <<'PY'
+import json, sys
+out = sys.argv[1]
+r = {tp: {d["bench"]: d["value"] for d in map(json.loads, open(f"{out}/tm-tp{tp}.jsonl"))} for tp in (1, 2)}
+for k in ("decode_b1", "prefill_2048", "decode_b16", "offline_output"):
+    print(f"{k:<16} tp1 {r[1][k]:>10.1f}  tp2 {r[2][k]:>10.1f}  x{r[2][k] / r[1][k]:.2f}")
+PY
