@@ -17,6 +17,7 @@
 #include <random>
 
 #include "base/json_write.hpp"
+#include "chat_input.hpp"
 #include "http_client.hpp"
 #include "tool_main.hpp"
 
@@ -89,49 +90,51 @@ struct Generation {
 
 // ------------------------------------------------------------------ chat
 
-volatile std::sig_atomic_t g_interrupted = 0;
-
 int run_chat(const Url& url, const std::string& model, const std::string& key, double temperature, int max_tokens) {
-    struct sigaction sa {};
-    sa.sa_handler = [](int) { g_interrupted = 1; };
-    sigaction(SIGINT, &sa, nullptr);
+    std::fprintf(stderr,
+                 "tm-client: chat with %s:%s. /reset: new conversation, /system TEXT: system prompt, /exit or Ctrl-D: "
+                 "quit; Ctrl-C stops an answer.\n",
+                 url.host.c_str(), url.port.c_str());
+    install_sigint(false);
     std::vector<std::pair<std::string, std::string>> history;
     std::string system;
-    std::fprintf(stderr, "tm-client: chat with %s:%s (/reset, /system TEXT, /exit; Ctrl-C stops an answer)\n",
-                 url.host.c_str(), url.port.c_str());
+    // The conversation is a session of the server (tm-serve's session_id):
+    // the engine keeps its KV cache between turns. Ended on /reset and exit.
+    std::mt19937_64 rng(std::random_device{}());
+    auto new_session = [&] { return rng() & ((uint64_t(1) << 48) - 1); };
+    uint64_t session = new_session();
+    auto end_session = [&] {
+        net::io_context ioc;
+        auto call = std::make_shared<HttpCall>(ioc, url);
+        call->start(http::verb::post, "/v1/chat/interactive",
+                    "{\"session_id\": " + std::to_string(session) + ", \"end_session\": true}", key, nullptr,
+                    [](HttpResult) {});
+        ioc.run_for(std::chrono::seconds(2));
+    };
     for (;;) {
-        std::fprintf(stderr, "> ");
-        std::fflush(stderr);
-        g_interrupted = 0;
-        std::string line;
-        if (!std::getline(std::cin, line)) {
-            if (g_interrupted) {  // Ctrl-C at the prompt: drop the line
-                std::cin.clear();
-                std::fprintf(stderr, "\n");
-                continue;
-            }
-            std::fprintf(stderr, "\n");
+        const ChatLine cl = next_chat_line();
+        if (cl.kind == ChatLine::Quit) {
+            end_session();
             return 0;
         }
-        if (line.empty()) continue;
-        if (line == "/exit" || line == "/quit") return 0;
-        if (line == "/reset") {
+        if (cl.kind == ChatLine::Skip) continue;
+        if (cl.kind == ChatLine::Reset || cl.kind == ChatLine::System) {
+            if (cl.kind == ChatLine::System) system = cl.text;
             history.clear();
-            std::fprintf(stderr, "(new conversation)\n");
+            end_session();
+            session = new_session();
             continue;
         }
-        if (line.rfind("/system", 0) == 0) {
-            system = line.size() > 8 ? line.substr(8) : "";
-            history.clear();
-            std::fprintf(stderr, "(system prompt set; new conversation)\n");
-            continue;
-        }
+        const std::string& line = cl.text;
+        // The whole conversation each turn: the server's session cache
+        // serves the common prefix.
         std::string msgs = "[";
         if (!system.empty()) msgs += "{\"role\": \"system\", \"content\": " + tmc::json_quote(system) + "}, ";
         for (auto& [role, content] : history)
             msgs += "{\"role\": " + tmc::json_quote(role) + ", \"content\": " + tmc::json_quote(content) + "}, ";
         msgs += "{\"role\": \"user\", \"content\": " + tmc::json_quote(line) + "}]";
-        std::string body = "{\"messages\": " + msgs + ", \"stream\": true, \"stream_options\": {\"include_usage\": true}";
+        std::string body = "{\"messages\": " + msgs + ", \"stream\": true, \"stream_options\": {\"include_usage\": true}" +
+                           ", \"session_id\": " + std::to_string(session);
         if (!model.empty()) body += ", \"model\": " + tmc::json_quote(model);
         if (temperature >= 0) body += ", \"temperature\": " + tmc::json_number(temperature);
         if (max_tokens > 0) body += ", \"max_tokens\": " + std::to_string(max_tokens);
@@ -141,6 +144,7 @@ int run_chat(const Url& url, const std::string& model, const std::string& key, d
         Generation g;
         HttpResult res;
         bool stopped = false;
+        g_interrupt = false;
         call->start(http::verb::post, "/v1/chat/completions", body, key,
                     [&](std::string_view d) {
                         g.feed(d, [&](std::string_view t) {
@@ -150,22 +154,20 @@ int run_chat(const Url& url, const std::string& model, const std::string& key, d
                     },
                     [&](HttpResult r) { res = std::move(r); });
         while (!ioc.stopped()) {
-            ioc.run_for(std::chrono::milliseconds(50));
-            if (g_interrupted && !stopped) {
+            ioc.run_for(std::chrono::milliseconds(20));
+            if (g_interrupt.exchange(false) && !stopped) {
                 stopped = true;
-                call->cancel();
+                call->cancel();  // the server sees the client leave and cancels the request
             }
         }
         std::printf("\n");
+        if (stopped) std::fputs("(stopped)\n", stdout);
         std::fflush(stdout);
-        if (stopped) {
-            std::fprintf(stderr, "(stopped)\n");
-        } else if (res.status != 200) {
+        if (!stopped && res.status != 200) {
             std::fprintf(stderr, "tm-client: error: %s\n", error_message(res).c_str());
             continue;
-        } else if (!g.stream_error.empty()) {
-            std::fprintf(stderr, "tm-client: error: %s\n", g.stream_error.c_str());
         }
+        if (!stopped && !g.stream_error.empty()) std::fprintf(stderr, "tm-client: error: %s\n", g.stream_error.c_str());
         history.emplace_back("user", line);
         history.emplace_back("assistant", g.text);
     }

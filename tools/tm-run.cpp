@@ -25,6 +25,7 @@
 #include "tm/error.hpp"
 #include "tm/jsonl.hpp"
 #include "tm/tokenizer.hpp"
+#include "chat_input.hpp"
 #include "engine_options.hpp"
 #include "tool_main.hpp"
 
@@ -161,17 +162,8 @@ private:
 
 // ------------------------------------------------------------------ signals
 
-std::atomic<bool> g_interrupt{false};
-
-void on_sigint(int) { g_interrupt.store(true); }
-
-void install_sigint(bool restart) {
-    struct sigaction sa {};
-    sa.sa_handler = on_sigint;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = restart ? SA_RESTART : 0;
-    sigaction(SIGINT, &sa, nullptr);
-}
+using tmc::tool::g_interrupt;
+using tmc::tool::install_sigint;
 
 void write_line(const std::string& s) {
     std::fwrite(s.data(), 1, s.size(), stdout);
@@ -290,27 +282,6 @@ int run_ppl(tmc::Engine& engine, const std::string& path, int chunk) {
 
 // ------------------------------------------------------------------ chat
 
-// Reads a line from the terminal; Ctrl-C discards it (returns an empty
-// optional with *interrupted set); EOF returns nullopt.
-std::optional<std::string> read_line(bool* interrupted) {
-    std::string line;
-    *interrupted = false;
-    for (;;) {
-        char c;
-        ssize_t n = ::read(0, &c, 1);
-        if (n < 0 && errno == EINTR) {
-            if (g_interrupt.exchange(false)) {
-                *interrupted = true;
-                return std::nullopt;
-            }
-            continue;
-        }
-        if (n <= 0) return line.empty() ? std::nullopt : std::optional<std::string>(line);
-        if (c == '\n') return line;
-        line += c;
-    }
-}
-
 int run_chat(tmc::Engine& engine, const tmc::SamplingParams& params, bool verbose) {
     engine.render_chat({{"user", "x"}});  // fails early when there is no chat template
     std::fprintf(stderr,
@@ -322,40 +293,16 @@ int run_chat(tmc::Engine& engine, const tmc::SamplingParams& params, bool verbos
     std::string system;
     uint64_t session = 1;
     for (;;) {
-        std::fputs(">>> ", stdout);
-        std::fflush(stdout);
-        bool intr = false;
-        auto line = read_line(&intr);
-        if (intr) {
-            std::fputs("\n", stdout);
-            continue;
-        }
-        if (!line) {
-            std::fputs("\n", stdout);
-            return 0;
-        }
-        std::string in = *line;
-        while (!in.empty() && (in.back() == '\r' || in.back() == ' ')) in.pop_back();
-        if (in.empty()) continue;
-        if (in == "/exit" || in == "/quit") return 0;
-        if (in == "/reset" || in.rfind("/system", 0) == 0) {
-            if (in != "/reset") {
-                if (in.size() > 7 && in[7] != ' ') {
-                    std::fprintf(stderr, "unknown command %s\n", in.c_str());
-                    continue;
-                }
-                system = in.size() > 8 ? in.substr(8) : "";
-            }
+        const tmc::tool::ChatLine cl = tmc::tool::next_chat_line();
+        if (cl.kind == tmc::tool::ChatLine::Quit) return 0;
+        if (cl.kind == tmc::tool::ChatLine::Skip) continue;
+        if (cl.kind == tmc::tool::ChatLine::Reset || cl.kind == tmc::tool::ChatLine::System) {
+            if (cl.kind == tmc::tool::ChatLine::System) system = cl.text;
             engine.end_session(session++);
             history.clear();
-            std::fputs(in == "/reset" ? "(new conversation)\n" : "(system prompt set; new conversation)\n", stdout);
             continue;
         }
-        if (in[0] == '/' && in.rfind("//", 0) != 0) {
-            std::fprintf(stderr, "commands: /reset, /system TEXT, /exit (start a line with // to send a slash)\n");
-            continue;
-        }
-        if (in.rfind("//", 0) == 0) in.erase(0, 1);
+        const std::string& in = cl.text;
         history.push_back({"user", in});
         std::vector<tmc::ChatMessage> msgs;
         if (!system.empty()) msgs.push_back({"system", system});

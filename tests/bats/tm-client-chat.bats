@@ -1,0 +1,106 @@
+#!/usr/bin/env bats
+# tm-client's terminal chat against tm-serve, on a real terminal (tmux): the
+# answer streams, turns share the server's session cache, /reset, Ctrl-C
+# stops an answer (the server cancels it), Ctrl-D quits.
+
+load helpers
+
+setup_file() {
+    tm-convert "$SHARED/models/tinytech-25m" -o "$BATS_FILE_TMPDIR/ws" > /dev/null 2>&1
+    # --ignore-eos: answers run to max_tokens, so Ctrl-C has something to stop.
+    tm-serve "$BATS_FILE_TMPDIR/ws" --port 0 --device cpu --threads 2 --ignore-eos 2> "$BATS_FILE_TMPDIR/serve.log" 3>&- &
+    echo $! > "$BATS_FILE_TMPDIR/pid"
+    for _ in $(seq 1 200); do
+        grep -q '"event": "listening"' "$BATS_FILE_TMPDIR/serve.log" && break
+        sleep 0.05
+    done
+}
+
+teardown_file() { kill "$(cat "$BATS_FILE_TMPDIR/pid")" 2> /dev/null || true; }
+
+setup() {
+    T="$BATS_TEST_TMPDIR"
+    SOCK="tm-cchat-$$-$BATS_TEST_NUMBER"
+    URL=$(sed -n 's/.*"url": "\(http:[^"]*\)".*/\1/p' "$BATS_FILE_TMPDIR/serve.log" | head -1)
+    LOG="$BATS_FILE_TMPDIR/serve.log"
+}
+
+teardown() { tmux -L "$SOCK" kill-server 2> /dev/null || true; }
+
+start() {
+    tmux -L "$SOCK" new-session -d -x 200 -y 60 -s chat \
+        "'$TM_BIN/tm-client' '$URL' $* 2> '$T/err'; echo EXIT=\$? > '$T/exit'; sleep 30"
+}
+
+screen() { tmux -L "$SOCK" capture-pane -p -t chat -S -; }
+
+wait_for() {  # wait_for PATTERN [screen|FILE]
+    local src=${2:-screen}
+    for _ in $(seq 1 300); do
+        case $src in
+            screen) screen | grep -q -- "$1" && return 0 ;;
+            *) grep -q -- "$1" "$src" 2> /dev/null && return 0 ;;
+        esac
+        sleep 0.1
+    done
+    echo "timed out waiting for $1 in $src" >&2
+    screen >&2
+    return 1
+}
+
+type_line() { tmux -L "$SOCK" send-keys -t chat -l "$1"; tmux -L "$SOCK" send-keys -t chat Enter; }
+
+# The cached_tokens of the server's n-th chat completion.
+cached_of() { grep '"path": "/v1/chat/completions"' "$LOG" | sed -n "${1}p" | sed 's/.*"cached_tokens": \([0-9]*\).*/\1/'; }
+
+@test "two turns over HTTP: the second is served from the session cache; /reset; /exit" {
+    before=$(grep -c '"path": "/v1/chat/completions"' "$LOG" || true)
+    start --temperature 0 --max-tokens 12
+    wait_for '^>>>'
+    type_line "What is a pipe?"
+    wait_for '^>>> *$'
+    type_line "Show an example."
+    for _ in $(seq 1 100); do
+        [ "$(grep -c '"path": "/v1/chat/completions"' "$LOG")" -ge $((before + 2)) ] && break
+        sleep 0.1
+    done
+    # The conversation is a server session: the second turn's prompt (the
+    # whole conversation) comes mostly from the cache.
+    first=$(cached_of $((before + 1)))
+    second=$(cached_of $((before + 2)))
+    [ "$first" = 0 ]
+    [ "$second" -gt 10 ]
+    screen | grep -q 'Show an example.'
+    type_line "/reset"
+    wait_for 'new conversation'
+    type_line "/bogus"
+    wait_for 'commands: /reset' "$T/err"
+    type_line "/exit"
+    wait_for 'EXIT=0' "$T/exit"
+}
+
+@test "Ctrl-C stops the answer and the server cancels it; Ctrl-D quits" {
+    start --max-tokens 1900
+    wait_for '^>>>'
+    type_line "Tell me everything about the Linux kernel."
+    sleep 1
+    tmux -L "$SOCK" send-keys -t chat C-c
+    wait_for '(stopped)'
+    wait_for '"status": 499' "$LOG"
+    [ ! -e "$T/exit" ]
+    wait_for '^>>> *$'
+    tmux -L "$SOCK" send-keys -t chat -l "half a line"
+    tmux -L "$SOCK" send-keys -t chat C-c
+    tmux -L "$SOCK" send-keys -t chat C-d
+    wait_for 'EXIT=0' "$T/exit"
+}
+
+@test "an unreachable server: one error line per turn, the chat goes on" {
+    URL=http://127.0.0.1:1
+    start
+    wait_for '^>>>'
+    type_line "Hello"
+    wait_for 'cannot connect' "$T/err"
+    tmux -L "$SOCK" send-keys -t chat C-d
+    wait_for 'EXIT=0' "$T/exit"
+}
