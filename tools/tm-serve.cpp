@@ -45,6 +45,8 @@ int main(int argc, char** argv) {
         ("model-name", "model id clients use (default: the workspace's model name)", cxxopts::value<std::string>())
         ("max-body-mib", "largest request body in MiB", cxxopts::value<double>()->default_value("8"))
         ("grace", "seconds running requests get to finish after SIGTERM", cxxopts::value<double>()->default_value("10"))
+        ("idle-timeout", "seconds a connection may take to send a request (and stay idle between requests)",
+         cxxopts::value<double>()->default_value("60"))
         ("log-prompts", "put prompt text in the request log")
         ("v,verbose", "engine notices on stderr")
         ("h,help", "show this help");
@@ -73,6 +75,9 @@ int main(int argc, char** argv) {
         so.grace_seconds = args["grace"].as<double>();
         if (!(so.grace_seconds >= 0 && so.grace_seconds <= 86400)) throw tmc::tool::UsageError("--grace must be in [0, 86400]");
         so.log_prompts = args.count("log-prompts") > 0;
+        so.idle_timeout_seconds = args["idle-timeout"].as<double>();
+        if (!(so.idle_timeout_seconds > 0 && so.idle_timeout_seconds <= 86400))
+            throw tmc::tool::UsageError("--idle-timeout must be in (0, 86400]");
     } catch (const std::exception& e) {
         std::fprintf(stderr, "%s: error: %s\n%s", kProg, e.what(), kUsage);
         return 2;

@@ -110,7 +110,7 @@ struct Server;
 
 class Conn : public std::enable_shared_from_this<Conn> {
 public:
-    Conn(Server& s, tcp::socket sock) : srv_(s), sock_(std::move(sock)) {}
+    Conn(Server& s, tcp::socket sock) : srv_(s), sock_(std::move(sock)), idle_timer_(sock_.get_executor()) {}
     void start() { read_request(); }
     void on_output(const Output& o);
     void close();
@@ -141,6 +141,7 @@ private:
     };
 
     void read_request();
+    void arm_idle_timer();
     void on_header(beast::error_code ec);
     void on_body(beast::error_code ec);
     void handle();
@@ -167,6 +168,7 @@ private:
 
     Server& srv_;
     tcp::socket sock_;
+    net::steady_timer idle_timer_;  // closes a connection that sends no complete request in time
     beast::flat_buffer buf_;
     std::optional<http::request_parser<http::string_body>> parser_;
     State state_ = State::Reading;
@@ -288,7 +290,19 @@ struct Server {
 
 // ------------------------------------------------------------------ reading
 
+// While a connection waits for (the rest of) a request: a client that
+// stalls, or a keep-alive connection left idle, is closed after the timeout.
+void Conn::arm_idle_timer() {
+    idle_timer_.expires_after(std::chrono::milliseconds(int64_t(srv_.opt.idle_timeout_seconds * 1000)));
+    idle_timer_.async_wait([weak = std::weak_ptr<Conn>(shared_from_this())](beast::error_code ec) {
+        auto self = weak.lock();
+        if (ec || !self) return;
+        if (self->state_ == State::Reading || self->state_ == State::Idle) self->close();
+    });
+}
+
 void Conn::read_request() {
+    arm_idle_timer();
     state_ = State::Reading;
     parser_.emplace();
     parser_->body_limit(srv_.opt.max_body_bytes);
@@ -349,6 +363,7 @@ void Conn::on_body(beast::error_code ec) {
 }
 
 void Conn::handle() {
+    idle_timer_.cancel();
     state_ = State::Busy;
     respond_done_ = false;
     const auto& req = parser_->get();
@@ -971,6 +986,7 @@ void Conn::after_response() {
     }
     state_ = State::Idle;
     if (!watch_pending_) read_request();  // else the posted read picks it up
+    else arm_idle_timer();
 }
 
 // A read posted while a request generates: EOF or an error means the client left.
@@ -1007,6 +1023,7 @@ void Conn::client_gone() {
 void Conn::close() {
     if (state_ == State::Closed) return;
     state_ = State::Closed;
+    idle_timer_.cancel();
     beast::error_code ec;
     sock_.close(ec);
     if (gen_.active) {

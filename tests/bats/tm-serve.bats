@@ -233,6 +233,27 @@ print(s.recv(200).decode().split("\r\n")[0])' "$S_URL" | grep -q '400'
     grep -q '"finish_reason": "abort"' "$T/out2.txt"
 }
 
+@test "a client that stalls mid-request is closed after --idle-timeout; others are served meanwhile" {
+    start_server I --idle-timeout 1
+    host_port=${I_URL#http://}
+    python3 - "${host_port%:*}" "${host_port#*:}" "$I_URL" <<'PY'
+import socket, sys, time, urllib.request
+host, port, url = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+stalled = socket.create_connection((host, port))
+stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+idle = socket.create_connection((host, port))  # connects, sends nothing
+# Others are served while those two hang.
+assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+t = time.time()
+stalled.settimeout(10)
+idle.settimeout(10)
+assert stalled.recv(100) == b"" and idle.recv(100) == b"", "closed by the server"
+assert 0.5 < time.time() - t < 5, time.time() - t
+assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+PY
+    kill "$I_PID"
+}
+
 @test "tm-client --bench reports throughput and latency figures" {
     run tm-client "$S_URL" --bench --num-prompts 8 --input-len 32 --output-len 16
     assert_success

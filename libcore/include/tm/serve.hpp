@@ -18,6 +18,7 @@ struct ServeOptions {
     std::string model_name;               // the id of /v1/models; requests naming another model get 404
     size_t max_body_bytes = 8u << 20;     // larger bodies get 413
     double grace_seconds = 10;            // SIGTERM: time given to running requests before they are cancelled
+    double idle_timeout_seconds = 60;     // a connection that sends no complete request for this long is closed
     bool log_prompts = false;             // put prompt text in the request log
     SamplingParams defaults;              // for fields a request leaves out
     std::function<void(const std::string&)> log;  // one JSON line per request, and notices
