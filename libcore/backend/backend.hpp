@@ -81,6 +81,12 @@ struct ForwardObserver {
     enum Point { AttnIn, K, V, WoIn, FfnIn, W2In };
     virtual ~ForwardObserver() = default;
     virtual void observe(int layer, Point p, const float* rows, int T, size_t ld, int width) = 0;
+    // With tensor parallelism each rank sees its own share (its heads, its
+    // MLP columns): the observer to give rank `rank` of `tp`.
+    virtual ForwardObserver* for_rank(int rank, int tp) {
+        (void)tp;
+        return rank == 0 ? this : nullptr;
+    }
 };
 
 class Communicator;

@@ -169,6 +169,7 @@ std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBacke
         CpuBackendOptions o = opt;
         o.threads = std::max(1, cores / tp);
         o.comm = &group->comm(r);
+        o.observer = opt.observer ? opt.observer->for_rank(r, tp) : nullptr;
         if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
         return make_cpu_backend(*w, o);
     }, group);

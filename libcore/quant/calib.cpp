@@ -11,10 +11,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 
 #include "backend/backend.hpp"
 #include "base/json_write.hpp"
 #include "base/mapped_file.hpp"
+#include "model/tp_split.hpp"
 #include "tm/error.hpp"
 #include "tm/tokenizer.hpp"
 #include "tm/workspace.hpp"
@@ -55,19 +57,23 @@ struct ChannelStats {
     int64_t rows = 0;
     explicit ChannelStats(size_t n = 0)
         : sum(n, 0), abssum(n, 0), mn(n, INFINITY), mx(n, -INFINITY), absmax(n, 0) {}
-    void add(const float* rows_, int T, size_t ld, int width) {
+    // Rows of `width` channels, the first being channel `col0` (a rank's
+    // share; ranks add disjoint channels, and the one holding channel 0
+    // counts the rows).
+    void add(const float* rows_, int T, size_t ld, int width, int col0 = 0) {
         for (int t = 0; t < T; ++t) {
             const float* r = rows_ + size_t(t) * ld;
             for (int c = 0; c < width; ++c) {
                 const float v = r[c];
-                mn[size_t(c)] = std::min(mn[size_t(c)], v);
-                mx[size_t(c)] = std::max(mx[size_t(c)], v);
-                absmax[size_t(c)] = std::max(absmax[size_t(c)], std::abs(v));
-                sum[size_t(c)] += v;
-                abssum[size_t(c)] += std::abs(v);
+                const size_t k = size_t(col0 + c);
+                mn[k] = std::min(mn[k], v);
+                mx[k] = std::max(mx[k], v);
+                absmax[k] = std::max(absmax[k], std::abs(v));
+                sum[k] += v;
+                abssum[k] += std::abs(v);
             }
         }
-        rows += T;
+        if (col0 == 0) rows += T;
     }
 };
 
@@ -75,7 +81,7 @@ constexpr const char* kLinearPoints[] = {"attention.wqkv", "attention.wo", "feed
 
 class Collector final : public ForwardObserver {
 public:
-    Collector(const ModelConfig& c) {
+    explicit Collector(const ModelConfig& c) : cfg_(c) {
         for (int l = 0; l < c.num_layers; ++l) {
             kv_.emplace_back(size_t(c.kv_size()));
             kv_.emplace_back(size_t(c.kv_size()));
@@ -86,14 +92,58 @@ public:
         }
     }
     void observe(int layer, Point p, const float* rows, int T, size_t ld, int width) override {
+        add(layer, p, rows, T, ld, width, 0);
+    }
+    void add(int layer, Point p, const float* rows, int T, size_t ld, int width, int col0) {
         switch (p) {
-            case K: kv_[size_t(layer) * 2].add(rows, T, ld, width); break;
-            case V: kv_[size_t(layer) * 2 + 1].add(rows, T, ld, width); break;
-            case AttnIn: lin_[size_t(layer) * 4].add(rows, T, ld, width); break;
-            case WoIn: lin_[size_t(layer) * 4 + 1].add(rows, T, ld, width); break;
-            case FfnIn: lin_[size_t(layer) * 4 + 2].add(rows, T, ld, width); break;
-            case W2In: lin_[size_t(layer) * 4 + 3].add(rows, T, ld, width); break;
+            case K: kv_[size_t(layer) * 2].add(rows, T, ld, width, col0); break;
+            case V: kv_[size_t(layer) * 2 + 1].add(rows, T, ld, width, col0); break;
+            case AttnIn: lin_[size_t(layer) * 4].add(rows, T, ld, width, col0); break;
+            case WoIn: lin_[size_t(layer) * 4 + 1].add(rows, T, ld, width, col0); break;
+            case FfnIn: lin_[size_t(layer) * 4 + 2].add(rows, T, ld, width, col0); break;
+            case W2In: lin_[size_t(layer) * 4 + 3].add(rows, T, ld, width, col0); break;
         }
+    }
+
+    // Tensor parallelism: rank r's K/V are its KV heads (recorded by the
+    // first rank holding a replicated head), the attention output its query
+    // heads, the down projection's input its MLP columns; the norms' outputs
+    // are whole on every rank (recorded by rank 0).
+    class Rank final : public ForwardObserver {
+    public:
+        Rank(Collector& c, const ModelConfig& m, int r, int tp) : c_(c), r_(r) {
+            const TpSplit sp = TpSplit::make(m, tp);
+            kv0_ = sp.kv_head_begin(r) * m.head_dim;
+            kv_owner_ = m.num_kv_heads % tp == 0 || r % (tp / m.num_kv_heads) == 0;
+            q0_ = r * sp.heads * m.head_dim;
+            i0_ = r * sp.inter;
+        }
+        void observe(int layer, Point p, const float* rows, int T, size_t ld, int width) override {
+            switch (p) {
+                case K:
+                case V:
+                    if (kv_owner_) c_.add(layer, p, rows, T, ld, width, kv0_);
+                    break;
+                case AttnIn:
+                case FfnIn:
+                    if (r_ == 0) c_.add(layer, p, rows, T, ld, width, 0);
+                    break;
+                case WoIn: c_.add(layer, p, rows, T, ld, width, q0_); break;
+                case W2In: c_.add(layer, p, rows, T, ld, width, i0_); break;
+            }
+        }
+
+    private:
+        Collector& c_;
+        int r_, kv0_ = 0, q0_ = 0, i0_ = 0;
+        bool kv_owner_ = true;
+    };
+
+    ForwardObserver* for_rank(int rank, int tp) override {
+        if (tp == 1) return this;
+        std::lock_guard<std::mutex> lk(mu_);  // the ranks are built on their own threads
+        while (ranks_.size() < size_t(tp)) ranks_.push_back(std::make_unique<Rank>(*this, cfg_, int(ranks_.size()), tp));
+        return ranks_[size_t(rank)].get();
     }
     void export_to(CalibStats& s) const {
         for (int l = 0; l < s.layers; ++l) {
@@ -125,7 +175,10 @@ public:
     }
 
 private:
+    ModelConfig cfg_;
     std::vector<ChannelStats> kv_, lin_;
+    std::vector<std::unique_ptr<Rank>> ranks_;
+    std::mutex mu_;
 };
 
 std::string dataset_text(const std::string& path) {
@@ -173,7 +226,7 @@ CalibStats calibrate(const std::string& workspace, const std::string& dataset, c
     CpuBackendOptions bo;
     bo.threads = opt.threads;
     bo.observer = &col;
-    auto be = make_cpu_backend(ws, bo);
+    auto be = make_cpu_tp_backend(ws, bo);  // a --tp N workspace: its ranks as threads
     const int chunk = 512;
     BackendLimits lim;
     lim.block_size = 64;

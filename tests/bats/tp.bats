@@ -78,3 +78,40 @@ assert a["tokens"] == 10 and b["history_tokens"] >= a["input_tokens"] + a["token
     run tm-run "$BATS_FILE_TMPDIR/tp1" --tp -1 --jsonl <<< '{"prompt": "Hi"}'
     assert_failure 2
 }
+
+@test "tm-calib | tm-qparams on a --tp 2 workspace: the statistics of --tp 1, scales per rank, same greedy tokens" {
+    cp -r "$BATS_FILE_TMPDIR/tp1" "$T/one"
+    cp -r "$BATS_FILE_TMPDIR/tp2" "$T/two"
+    for w in one two; do
+        tm-calib "$T/$w" --dataset "$SHARED/text/calib.txt" --samples 2 --seqlen 256 -o "$T/$w.stats" 2> /dev/null
+    done
+    python3 - "$T/one.stats" "$T/two.stats" <<'PY'
+import json, struct, subprocess, sys
+def load(p):
+    raw = subprocess.run(["zstd", "-dc", p], capture_output=True, check=True).stdout
+    nl = raw.index(b"\n"); h = json.loads(raw[:nl]); off = nl + 1; v = {}
+    for a in h["arrays"]:
+        k = 1
+        for d in a["shape"]: k *= d
+        v[a["name"]] = struct.unpack_from(f"<{k}f", raw, off); off += 4 * k
+    return h, v
+(h1, v1), (h2, v2) = load(sys.argv[1]), load(sys.argv[2])
+assert h1["tokens"] == h2["tokens"] and h1["workspace_id"] != h2["workspace_id"]
+for k in v1:
+    m = max(abs(x) for x in v1[k]) or 1
+    assert max(abs(x - y) for x, y in zip(v1[k], v2[k])) <= 1e-4 * m, k
+PY
+    # Statistics of the --tp 1 workspace are another model's for the --tp 2 one.
+    run tm-qparams "$T/two" --kv int8 --stats "$T/one.stats"
+    assert_failure 1
+    tm-qparams "$T/one" --kv int8 --stats "$T/one.stats" 2> /dev/null
+    tm-qparams "$T/two" --kv int8 --stats "$T/two.stats" 2> /dev/null
+    [ "$(stat -c %s "$T/two/quant/rank0/kv_int8.bin")" = $((8 * 4 * 1 * 4)) ]
+    [ "$(stat -c %s "$T/two/quant/rank1/kv_int8.bin")" = $((8 * 4 * 1 * 4)) ]
+    for i in 1 2 3 4; do
+        echo "{\"id\": $i, \"prompt\": \"Question $i: what is a kernel?\", \"temperature\": 0, \"max_tokens\": 16, \"return_token_ids\": true}"
+    done > "$T/req.jsonl"
+    tm-run "$T/one" --device cpu --jsonl < "$T/req.jsonl" > "$T/one.jsonl"
+    tm-run "$T/two" --device cpu --jsonl < "$T/req.jsonl" > "$T/two.jsonl"
+    same_tokens "$T/one.jsonl" "$T/two.jsonl"
+}
