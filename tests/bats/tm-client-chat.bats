@@ -4,6 +4,7 @@
 # stops an answer (the server cancels it), Ctrl-D quits.
 
 load helpers
+load tmux_helpers
 
 setup_file() {
     tm-convert "$SHARED/models/tinytech-25m" -o "$BATS_FILE_TMPDIR/ws" > /dev/null 2>&1
@@ -27,28 +28,7 @@ setup() {
 
 teardown() { tmux -L "$SOCK" kill-server 2> /dev/null || true; }
 
-start() {
-    tmux -L "$SOCK" new-session -d -x 200 -y 60 -s chat \
-        "'$TM_BIN/tm-client' '$URL' $* 2> '$T/err'; echo EXIT=\$? > '$T/exit'; sleep 30"
-}
-
-screen() { tmux -L "$SOCK" capture-pane -p -t chat -S -; }
-
-wait_for() {  # wait_for PATTERN [screen|FILE]
-    local src=${2:-screen}
-    for _ in $(seq 1 300); do
-        case $src in
-            screen) screen | grep -q -- "$1" && return 0 ;;
-            *) grep -q -- "$1" "$src" 2> /dev/null && return 0 ;;
-        esac
-        sleep 0.1
-    done
-    echo "timed out waiting for $1 in $src" >&2
-    screen >&2
-    return 1
-}
-
-type_line() { tmux -L "$SOCK" send-keys -t chat -l "$1"; tmux -L "$SOCK" send-keys -t chat Enter; }
+start() { tmux_start "'$TM_BIN/tm-client' '$URL' $*"; }
 
 # The cached_tokens of the server's n-th chat completion.
 cached_of() { grep '"path": "/v1/chat/completions"' "$LOG" | sed -n "${1}p" | sed 's/.*"cached_tokens": \([0-9]*\).*/\1/'; }
@@ -74,9 +54,9 @@ cached_of() { grep '"path": "/v1/chat/completions"' "$LOG" | sed -n "${1}p" | se
     type_line "/reset"
     wait_for 'new conversation'
     type_line "/bogus"
-    wait_for 'commands: /reset' "$T/err"
+    wait_for 'commands: /reset' err
     type_line "/exit"
-    wait_for 'EXIT=0' "$T/exit"
+    wait_for 'EXIT=0' exit
 }
 
 @test "Ctrl-C stops the answer and the server cancels it; Ctrl-D quits" {
@@ -92,7 +72,7 @@ cached_of() { grep '"path": "/v1/chat/completions"' "$LOG" | sed -n "${1}p" | se
     tmux -L "$SOCK" send-keys -t chat -l "half a line"
     tmux -L "$SOCK" send-keys -t chat C-c
     tmux -L "$SOCK" send-keys -t chat C-d
-    wait_for 'EXIT=0' "$T/exit"
+    wait_for 'EXIT=0' exit
 }
 
 @test "an unreachable server: one error line per turn, the chat goes on" {
@@ -100,7 +80,7 @@ cached_of() { grep '"path": "/v1/chat/completions"' "$LOG" | sed -n "${1}p" | se
     start
     wait_for '^>>>'
     type_line "Hello"
-    wait_for 'cannot connect' "$T/err"
+    wait_for 'cannot connect' err
     tmux -L "$SOCK" send-keys -t chat C-d
-    wait_for 'EXIT=0' "$T/exit"
+    wait_for 'EXIT=0' exit
 }

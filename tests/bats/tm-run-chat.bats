@@ -4,6 +4,7 @@
 # an answer but not the program, /exit and Ctrl-D quit.
 
 load helpers
+load tmux_helpers
 
 setup_file() {
     tm-convert "$SHARED/models/tinytech-25m" -o "$BATS_FILE_TMPDIR/ws" > /dev/null 2>&1
@@ -18,28 +19,8 @@ setup() {
 teardown() { tmux -L "$SOCK" kill-server 2> /dev/null || true; }
 
 start() {  # start [tm-run options...]  (MODEL: default the tinytech workspace)
-    tmux -L "$SOCK" new-session -d -x 200 -y 60 -s chat \
-        "'$TM_BIN/tm-run' '${MODEL:-$WS}' $* 2> '$T/err'; echo EXIT=\$? > '$T/exit'; sleep 30"
+    tmux_start "'$TM_BIN/tm-run' '${MODEL:-$WS}' $*"
 }
-
-screen() { tmux -L "$SOCK" capture-pane -p -t chat -S -; }
-
-wait_for() {  # wait_for GREP_PATTERN [what: screen|err|exit]
-    local src=${2:-screen}
-    for _ in $(seq 1 300); do
-        case $src in
-            screen) screen | grep -q -- "$1" && return 0 ;;
-            *) grep -q -- "$1" "$T/$src" 2> /dev/null && return 0 ;;
-        esac
-        sleep 0.1
-    done
-    echo "timed out waiting for $1 in $src" >&2
-    screen >&2
-    cat "$T/err" >&2 || true
-    return 1
-}
-
-type_line() { tmux -L "$SOCK" send-keys -t chat -l "$1"; tmux -L "$SOCK" send-keys -t chat Enter; }
 
 @test "two turns share a session; /reset and /system start over; /exit quits" {
     start --temperature 0 --max-tokens 12 -v

@@ -207,29 +207,29 @@ print(s.recv(200).decode().split("\r\n")[0])' "$S_URL" | grep -q '400'
     grep -q '^tm_inter_token_latency_seconds_count' "$T/metrics.txt"
 }
 
+# term_while_streaming URL MAX_TOKENS OUT SERVER_PID: starts a streamed
+# completion, sends SIGTERM to the server once tokens flow, and checks that the
+# server exits 0 and the client gets its response's end.
+term_while_streaming() {
+    curl -sN "$1/v1/completions" -d "{\"prompt\": \"Once\", \"max_tokens\": $2, \"ignore_eos\": true, \"stream\": true}" \
+        > "$3" 3>&- &
+    local cpid=$! rc=0
+    for _ in $(seq 1 100); do [ -s "$3" ] && break; sleep 0.05; done
+    kill -TERM "$4"
+    wait "$4" || rc=$?
+    [ "$rc" = 0 ]
+    wait "$cpid" || true
+}
+
 @test "SIGTERM: running requests finish within the grace period, then exit 0" {
     start_server G --grace 30
-    curl -sN "$G_URL/v1/completions" -d '{"prompt": "Once", "max_tokens": 200, "ignore_eos": true, "stream": true}' > "$T/out.txt" 3>&- &
-    cpid=$!
-    for _ in $(seq 1 100); do [ -s "$T/out.txt" ] && break; sleep 0.05; done
-    kill -TERM "$G_PID"
-    rc=0
-    wait "$G_PID" || rc=$?
-    [ "$rc" = 0 ]
-    wait "$cpid"
+    term_while_streaming "$G_URL" 200 "$T/out.txt" "$G_PID"
     grep -q 'data: \[DONE\]' "$T/out.txt"
     grep -q '"finish_reason": "length"' "$T/out.txt"
     grep -q '"event": "stopped"' "$G_LOG"
     # A short grace period cancels what runs longer.
     start_server H --grace 0.2
-    curl -sN "$H_URL/v1/completions" -d '{"prompt": "Once", "max_tokens": 1900, "ignore_eos": true, "stream": true}' > "$T/out2.txt" 3>&- &
-    cpid=$!
-    for _ in $(seq 1 100); do [ -s "$T/out2.txt" ] && break; sleep 0.05; done
-    kill -TERM "$H_PID"
-    rc=0
-    wait "$H_PID" || rc=$?
-    [ "$rc" = 0 ]
-    wait "$cpid" || true
+    term_while_streaming "$H_URL" 1900 "$T/out2.txt" "$H_PID"
     grep -q '"finish_reason": "abort"' "$T/out2.txt"
 }
 
