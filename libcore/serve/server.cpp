@@ -187,6 +187,7 @@ struct Server {
     tcp::acceptor acc{ioc};
     net::signal_set sigs{ioc, SIGTERM, SIGINT};
     net::steady_timer grace{ioc};
+    net::steady_timer accept_retry{ioc};
     bool stopping = false;
     std::set<std::shared_ptr<Conn>> conns;
     std::mt19937_64 rng{std::random_device{}()};
@@ -208,12 +209,22 @@ struct Server {
     void accept() {
         acc.async_accept([this](beast::error_code ec, tcp::socket s) {
             if (stopping || !acc.is_open()) return;
-            if (!ec) {
-                s.set_option(tcp::no_delay(true));
-                auto c = std::make_shared<Conn>(*this, std::move(s));
-                conns.insert(c);
-                c->start();
+            if (ec) {
+                // Out of file descriptors (or a transient error): try again
+                // shortly instead of spinning; existing connections go on.
+                if (opt.log && ec != net::error::connection_aborted)
+                    opt.log("{\"event\": \"accept_failed\", \"error\": " + json_quote(ec.message()) + "}");
+                accept_retry.expires_after(std::chrono::milliseconds(100));
+                accept_retry.async_wait([this](beast::error_code e) {
+                    if (!e) accept();
+                });
+                return;
             }
+            beast::error_code ignored;
+            s.set_option(tcp::no_delay(true), ignored);
+            auto c = std::make_shared<Conn>(*this, std::move(s));
+            conns.insert(c);
+            c->start();
             accept();
         });
     }
@@ -242,6 +253,7 @@ struct Server {
         stopping = true;
         beast::error_code ec;
         acc.close(ec);
+        accept_retry.cancel();
         if (opt.log) opt.log("{\"event\": \"shutdown\", \"running\": " + std::to_string(generating()) + "}");
         grace.expires_after(std::chrono::milliseconds(int64_t(opt.grace_seconds * 1000)));
         grace.async_wait([this](beast::error_code e) {

@@ -254,6 +254,32 @@ PY
     kill "$I_PID"
 }
 
+@test "out of file descriptors: connections wait, the server neither spins nor dies" {
+    # A low descriptor limit: more clients than the server can accept at once.
+    (ulimit -n 48; exec tm-serve "$BATS_FILE_TMPDIR/ws" --port 0 --device cpu --threads 1 2> "$T/fd.log" 3>&-) &
+    pid=$!
+    for _ in $(seq 1 200); do grep -q '"event": "listening"' "$T/fd.log" && break; sleep 0.05; done
+    url=$(sed -n 's/.*"url": "\(http:[^"]*\)".*/\1/p' "$T/fd.log")
+    python3 - "$url" "$pid" <<'PY'
+import socket, sys, time, urllib.request
+url, pid = sys.argv[1], sys.argv[2]
+host, port = url[7:].split(":")
+socks = [socket.create_connection((host, int(port))) for _ in range(80)]
+time.sleep(1)
+# CPU time of the server over one second while descriptors are exhausted.
+def cpu():
+    f = open(f"/proc/{pid}/stat").read().split(")")[1].split()
+    return int(f[11]) + int(f[12])
+c0 = cpu(); time.sleep(1); used = cpu() - c0
+assert used < 50, f"the server spins: {used} ticks in 1 s"
+for s in socks: s.close()
+time.sleep(0.5)
+assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+PY
+    grep -q '"event": "accept_failed"' "$T/fd.log"
+    kill "$pid"
+}
+
 @test "tm-client --bench reports throughput and latency figures" {
     run tm-client "$S_URL" --bench --num-prompts 8 --input-len 32 --output-len 16
     assert_success
