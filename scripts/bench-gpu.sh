@@ -15,7 +15,11 @@
 # Writes tm.jsonl, hf.jsonl, bench-gpu.jsonl (one line per figure) and a table
 # under $OUT.
 # Usage: scripts/bench-gpu.sh BIN_DIR SHARED_DIR [WORK_DIR] [SUBSET]
+# A device call is limited to 10 minutes: STEP=tm runs tm's figures only,
+# STEP=hf the Hugging Face ones and the table (the model and tm.jsonl kept in
+# WORK_DIR between the two calls on a warm machine); default: both.
 set -eu
+STEP=${STEP:-all}
 BIN=$1
 SHARED=$2
 W=${3:-/tmp/tm-bench}
@@ -32,7 +36,11 @@ echo "generated in $(( $(date +%s) - t )) s"
 t=$(date +%s)
 [ -d "$W/ws" ] || "$BIN/tm-convert" "$W/llama8b" -o "$W/ws"
 echo "converted in $(( $(date +%s) - t )) s"
-"$BIN/engine_bench" "$W/ws" 0 cuda 4096 "$SHARED/bench/sharegpt-like-1000.jsonl" "$SUBSET" | tee "$OUTDIR/tm.jsonl"
+if [ "$STEP" != hf ]; then
+    "$BIN/engine_bench" "$W/ws" 0 cuda 4096 "$SHARED/bench/sharegpt-like-1000.jsonl" "$SUBSET" | tee "$W/tm.jsonl"
+fi
+[ "$STEP" = tm ] && { cp "$W/tm.jsonl" "$OUTDIR/"; exit 0; }
+cp "$W/tm.jsonl" "$OUTDIR/tm.jsonl"
 PYTHONUNBUFFERED=1 python3 "$HERE/bench_hf.py" "$W/llama8b" "$SHARED/bench/sharegpt-like-1000.jsonl" "$SUBSET" | tee "$OUTDIR/hf.jsonl"
 python3 - "$OUTDIR" "$W/ws/manifest.json" <<'EOF'
 import json, sys
