@@ -15,6 +15,7 @@
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <thread>
 
 #include "base/json_write.hpp"
 #include "chat_input.hpp"
@@ -175,23 +176,40 @@ int run_chat(const Url& url, const std::string& model, const std::string& key, d
 
 // ------------------------------------------------------------------ jsonl
 
+// Standard input is read on its own thread and each line handed to the I/O
+// thread, so answers are written while input is still awaited (a coprocess
+// that waits for one answer before sending the next request works).
 int run_jsonl(const Url& url, const std::string& key, int concurrency, bool stream) {
     net::io_context ioc;
+    auto guard = net::make_work_guard(ioc);
     size_t lineno = 0, in_flight = 0;
     bool eof = false, failed = false;
+    std::deque<std::string> pending;  // read, not yet sent (concurrency limit)
     std::function<void()> next;
     auto out = [](const std::string& s) {
         std::fwrite(s.data(), 1, s.size(), stdout);
         std::fputc('\n', stdout);
         std::fflush(stdout);
     };
+    auto maybe_done = [&] {
+        if (eof && pending.empty() && in_flight == 0) guard.reset();
+    };
+    std::thread reader([&] {
+        std::string line;
+        while (std::getline(std::cin, line))
+            net::post(ioc, [&, l = std::move(line)]() mutable {
+                pending.push_back(std::move(l));
+                next();
+            });
+        net::post(ioc, [&] {
+            eof = true;
+            maybe_done();
+        });
+    });
     next = [&] {
-        while (!eof && int(in_flight) < concurrency) {
-            std::string line;
-            if (!std::getline(std::cin, line)) {
-                eof = true;
-                break;
-            }
+        while (!pending.empty() && int(in_flight) < concurrency) {
+            std::string line = std::move(pending.front());
+            pending.pop_front();
             ++lineno;
             if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
             simdjson::dom::parser p;
@@ -232,7 +250,7 @@ int run_jsonl(const Url& url, const std::string& key, int concurrency, bool stre
                                 if (stream) out("{" + idp + "\"delta\": " + tmc::json_quote(t) + "}");
                             });
                         },
-                        [g, idp, ln, call, &ioc, &out, &failed, &in_flight, &next](HttpResult r) {
+                        [g, idp, ln, call, &ioc, &out, &failed, &in_flight, &next, &maybe_done](HttpResult r) {
                             --in_flight;
                             if (r.status != 200 || !g->stream_error.empty()) {
                                 failed = true;
@@ -249,12 +267,15 @@ int run_jsonl(const Url& url, const std::string& key, int concurrency, bool stre
                                     ", \"prompt_tokens_details\": {\"cached_tokens\": " +
                                     std::to_string(g->cached_tokens) + "}}}");
                             }
-                            net::post(ioc, [&next] { next(); });
+                            net::post(ioc, [&next, &maybe_done] {
+                                next();
+                                maybe_done();
+                            });
                         });
         }
     };
-    next();
     ioc.run();
+    reader.join();
     return failed ? 1 : 0;
 }
 

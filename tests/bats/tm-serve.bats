@@ -297,6 +297,17 @@ for k in ("request_throughput", "output_throughput", "mean_ttft_ms", "p99_itl_ms
     assert_failure 1
 }
 
+@test "tm-client --jsonl as a coprocess: each answer comes before the next request is sent" {
+    coproc CLIENT { tm-client "$S_URL" --jsonl 2> /dev/null; }
+    for i in 1 2 3; do
+        echo "{\"id\": $i, \"prompt\": \"Once upon a time\", \"max_tokens\": 4, \"temperature\": 0}" >&"${CLIENT[1]}"
+        read -r -t 30 answer <&"${CLIENT[0]}"
+        echo "$answer" | grep -q "\"id\": $i, \"text\""
+    done
+    exec {CLIENT[1]}>&-
+    wait "$CLIENT_PID"
+}
+
 @test "tm-client: unreachable server and bad URLs" {
     run tm-client http://127.0.0.1:1 --jsonl <<< '{"prompt": "Hi"}'
     assert_failure 1
