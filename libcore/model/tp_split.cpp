@@ -28,6 +28,17 @@ TpSplit TpSplit::make(const ModelConfig& m, int tp) {
     return s;
 }
 
+RankShape rank_shape(const ModelConfig& m, int tp) {
+    RankShape r{m, m.vocab_size};
+    if (tp == 1) return r;
+    const TpSplit sp = TpSplit::make(m, tp);
+    r.cfg.num_heads = sp.heads;
+    r.cfg.num_kv_heads = sp.kv_heads;
+    r.cfg.intermediate_size = sp.inter;
+    if (sp.vocab_split && !m.tie_word_embeddings) r.out_rows = m.vocab_size / tp;
+    return r;
+}
+
 int TpSplit::kv_head_begin(int rank) const {
     if (num_model_kv_heads % tp == 0) return rank * kv_heads;
     return rank / (tp / num_model_kv_heads);

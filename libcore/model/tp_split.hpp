@@ -22,4 +22,13 @@ struct TpSplit {
     static TpSplit make(const ModelConfig& m, int tp);
 };
 
+// What one rank computes: the model's config with its heads, KV heads and
+// MLP columns, and the rows of the output projection it holds (the whole
+// vocabulary, or vocab / tp when an untied lm_head is split).
+struct RankShape {
+    ModelConfig cfg;
+    int out_rows = 0;
+};
+RankShape rank_shape(const ModelConfig& m, int tp);
+
 }  // namespace tmc

@@ -126,15 +126,9 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
                     std::to_string(ws.tp()) + ")");
     comm_ = opt.comm;
     rank_ = comm_ ? comm_->rank() : 0;
-    if (tp > 1) {
-        // This rank's share: its heads, KV heads and MLP columns.
-        const TpSplit sp = TpSplit::make(cfg_, tp);
-        cfg_.num_heads = sp.heads;
-        cfg_.num_kv_heads = sp.kv_heads;
-        cfg_.intermediate_size = sp.inter;
-        if (sp.vocab_split && !cfg_.tie_word_embeddings) out_rows_ = cfg_.vocab_size / tp;
-    }
-    if (out_rows_ == 0) out_rows_ = cfg_.vocab_size;
+    const RankShape shape = rank_shape(cfg_, tp);  // this rank's heads, KV heads, MLP columns
+    cfg_ = shape.cfg;
+    out_rows_ = shape.out_rows;
     if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
         throw Error(ws.dir() + ": the CPU backend reads bf16 or fp16 weights");
     if (cfg_.num_heads % cfg_.num_kv_heads != 0 || cfg_.num_heads / cfg_.num_kv_heads > 64)

@@ -131,16 +131,10 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
         throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) + "; this backend runs " +
                     std::to_string(opt.tp) + " rank(s)");
     rank_ = opt.rank;
-    out_rows_ = cfg_.vocab_size;
-    if (opt.tp > 1) {
-        // This rank's share: its heads, KV heads, MLP columns, vocabulary rows.
-        const TpSplit sp = TpSplit::make(cfg_, opt.tp);
-        cfg_.num_heads = sp.heads;
-        cfg_.num_kv_heads = sp.kv_heads;
-        cfg_.intermediate_size = sp.inter;
-        if (sp.vocab_split && !cfg_.tie_word_embeddings) out_rows_ = cfg_.vocab_size / opt.tp;
-        if (!opt.make_comm) throw Error("cuda backend: tensor parallelism without a communicator");
-    }
+    const RankShape shape = rank_shape(cfg_, opt.tp);  // this rank's heads, KV heads, MLP columns, vocab rows
+    cfg_ = shape.cfg;
+    out_rows_ = shape.out_rows;
+    if (opt.tp > 1 && !opt.make_comm) throw Error("cuda backend: tensor parallelism without a communicator");
     if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
         throw Error(ws.dir() + ": the CUDA backend reads bf16 or fp16 weights");
     const int group = cfg_.num_heads / cfg_.num_kv_heads;
