@@ -19,7 +19,7 @@ constexpr int kThreads = 128;
 constexpr int kChunk = 64;
 constexpr int kMaxGroup = 8;
 constexpr int kMaxHd = 256;
-constexpr int kMaxSplitsDev = 32;  // attention_splits() never exceeds one warp
+constexpr int kMaxSplits = 32;  // at most one warp's worth: merge_splits_k weighs them in one warp
 
 template <class T, int B>
 __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
@@ -127,7 +127,7 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
 // the splits' weights are computed once, in shared memory.
 template <class T>
 __global__ void merge_splits_k(AttnArgs a, const int* rows, int nsplit) {
-    __shared__ float w[kMaxSplitsDev];
+    __shared__ float w[kMaxSplits];
     __shared__ float inv_l;
     const int r = rows ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y, hd = a.hd;
     const float* part = a.split_scratch;
@@ -280,7 +280,6 @@ void launch_tiled(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
 // Enough (row, KV head, split) blocks for two waves on 132 SMs, at most 32
 // splits; none once rows x KV heads fill the GPU.
 constexpr int kTargetBlocks = 264;
-constexpr int kMaxSplits = kMaxSplitsDev;
 
 int attention_splits(int n, int nkv) {
     if (n * nkv >= kTargetBlocks) return 1;

@@ -129,9 +129,11 @@ private:
         bool stream = false, include_usage = false, chat_logprobs = false;
         int logprobs = -1;
         int last_prompt_token = -1;  // for the text of the first token's logprobs
-        std::string rid, path, prompt_text;
+        std::string rid, prompt_text;
         std::optional<uint64_t> session;
-        std::string user_turn;  // interactive: the turn added to the session's history
+        // Interactive: the conversation with this call's turn; with the
+        // answer it becomes the session's history when the call succeeds.
+        std::vector<ChatMessage> history;
         std::string text;
         std::vector<TokenLogprob> lps;
         std::vector<int> token_ids;
@@ -499,7 +501,6 @@ void Conn::start_generation(Kind kind, const std::string& body) {
     if (root.get(obj)) throw bad_request("the body must be a JSON object");
     gen_ = Gen{};
     gen_.kind = kind;
-    gen_.path = target_;
     gen_.start = gen_.last = Clock::now();
     if (kind == Kind::Interactive) interactive(obj);
     else chat_or_completion(kind, obj);
@@ -673,20 +674,23 @@ void Conn::interactive(object obj) {
     std::vector<ChatMessage> msgs;
     if (interactive) {
         // The conversation so far plus this turn, rendered whole: the engine
-        // reuses the session's cache for the common prefix.
-        msgs = srv_.history[uint64_t(sid)];
+        // reuses the session's cache for the common prefix. A whole
+        // conversation replaces the history; its last message is the turn.
+        if (turn.size() > 1) gen_.history = turn;
+        else {
+            if (auto it = srv_.history.find(uint64_t(sid)); it != srv_.history.end()) gen_.history = it->second;
+            gen_.history.push_back(turn.back());
+        }
+        msgs = gen_.history;
         req.session_id = uint64_t(sid);
         gen_.session = uint64_t(sid);
-        gen_.user_turn = turn.size() == 1 ? turn[0].content : "";
-        if (turn.size() > 1) msgs.clear();  // a whole conversation replaces the history
-    } else if (sid >= 0) {
-        srv_.eng.end_session(uint64_t(sid));
-        srv_.history.erase(uint64_t(sid));
+    } else {
+        if (sid >= 0) {
+            srv_.eng.end_session(uint64_t(sid));
+            srv_.history.erase(uint64_t(sid));
+        }
+        msgs = std::move(turn);
     }
-    const size_t before = msgs.size();
-    msgs.insert(msgs.end(), turn.begin(), turn.end());
-    if (interactive && turn.size() > 1) srv_.history[uint64_t(sid)] = msgs, gen_.user_turn.clear();
-    (void)before;
     gen_.prompt_text = srv_.eng.render_chat(msgs, true);
     req.prompt = srv_.eng.tokenizer().encode(gen_.prompt_text, false);
     gen_.rid = "chat-" + random_hex(srv_.rng, 24);
@@ -905,9 +909,9 @@ void Conn::finish_generation(const Output& o) {
     if (gen_.session) {
         auto it = srv_.session_request.find(*gen_.session);
         if (it != srv_.session_request.end() && it->second == gen_.id) srv_.session_request.erase(it);
-        if (!gen_.user_turn.empty() && o.finish_reason != FinishReason::Error) {
+        if (gen_.kind == Kind::Interactive && o.finish_reason != FinishReason::Error) {
             auto& h = srv_.history[*gen_.session];
-            h.push_back({"user", gen_.user_turn});
+            h = std::move(gen_.history);
             h.push_back({"assistant", gen_.text});
         }
     }
