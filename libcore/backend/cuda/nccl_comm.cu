@@ -1,12 +1,12 @@
 #include "backend/cuda/nccl_comm.hpp"
 
-#include <dlfcn.h>
 #include <nccl.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
+#include "base/dynlib.hpp"
 #include "tm/error.hpp"
 
 namespace tmc::cuda {
@@ -24,27 +24,14 @@ struct Nccl {
 const Nccl& nccl() {
     static Nccl n = [] {
         setenv("NCCL_NVLS_ENABLE", "0", 0);  // the device machines need multicast off
-        const char* names[] = {"libnccl.so.2", "libnccl.so", "/usr/local/cuda/lib/libnccl.so.2",
-                               "/usr/local/cuda/lib64/libnccl.so.2"};
-        void* h = nullptr;
-        std::string why;
-        for (const char* name : names) {
-            h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-            if (h) break;
-            why = dlerror();
-        }
-        if (!h) throw Error("cannot load NCCL (" + why + ")");
-        auto sym = [&](const char* s) {
-            void* p = dlsym(h, s);
-            if (!p) throw Error(std::string("NCCL lacks ") + s);
-            return p;
-        };
+        const DynLib lib("NCCL", {"libnccl.so.2", "libnccl.so", "/usr/local/cuda/lib/libnccl.so.2",
+                                  "/usr/local/cuda/lib64/libnccl.so.2"});
         Nccl t;
-        t.get_unique_id = reinterpret_cast<decltype(t.get_unique_id)>(sym("ncclGetUniqueId"));
-        t.comm_init_rank = reinterpret_cast<decltype(t.comm_init_rank)>(sym("ncclCommInitRank"));
-        t.comm_destroy = reinterpret_cast<decltype(t.comm_destroy)>(sym("ncclCommDestroy"));
-        t.all_reduce = reinterpret_cast<decltype(t.all_reduce)>(sym("ncclAllReduce"));
-        t.error_string = reinterpret_cast<decltype(t.error_string)>(sym("ncclGetErrorString"));
+        lib.get(t.get_unique_id, "ncclGetUniqueId");
+        lib.get(t.comm_init_rank, "ncclCommInitRank");
+        lib.get(t.comm_destroy, "ncclCommDestroy");
+        lib.get(t.all_reduce, "ncclAllReduce");
+        lib.get(t.error_string, "ncclGetErrorString");
         return t;
     }();
     return n;
