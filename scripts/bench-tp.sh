@@ -9,7 +9,10 @@
 #      (4096 floats) and the bus bandwidth of large messages (allreduce_bench).
 # Target: --tp 2 batch-1 decode >= 1.6x --tp 1.
 # Usage: scripts/bench-tp.sh BIN_DIR SHARED_DIR [WORK_DIR] [GPU_TESTS]
+# A device call is limited to 10 minutes: STEP=prep runs 1 and 2, STEP=bench
+# runs 3 (the workspaces kept in WORK_DIR between the calls); default: both.
 set -eu
+STEP=${STEP:-all}
 BIN=$1
 SHARED=$2
 W=${3:-/tmp/tm-tp}
@@ -18,6 +21,7 @@ OUTDIR=${OUT:-$W/out}
 HERE=$(cd "$(dirname "$0")" && pwd)
 export NCCL_NVLS_ENABLE=0
 mkdir -p "$W/llama8b" "$OUTDIR"
+if [ "$STEP" != bench ]; then
 if [ -n "$GPU_TESTS" ]; then
     TM_SHARED="$SHARED" "$GPU_TESTS" --gtest_filter='Nccl.*:CudaBackend.TensorParallel*' | tee "$OUTDIR/gpu-tests-tp.txt"
 fi
@@ -45,6 +49,8 @@ b = {j["id"]: j["token_ids"] for j in map(json.loads, open(sys.argv[2]))}
 same = sum(a[k] == b[k] for k in a)
 print(f"greedy --tp 2 vs --tp 1: {same}/{len(a)} prompts equal over 32 tokens")
 PY
+fi
+[ "$STEP" = prep ] && exit 0
 for tp in 1 2; do
     "$BIN/engine_bench" "$W/ws$tp" 0 cuda 4096 "$SHARED/bench/sharegpt-like-1000.jsonl" |
         sed "s/^{/{\"tp\": $tp, /" | tee "$OUTDIR/tm-tp$tp.jsonl"
