@@ -6,6 +6,7 @@
 // This is the straightforward version: no tensor cores, no split along the
 // sequence; the bound it should reach is HBM bandwidth on those reads.
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 
 #include "kernels/common.cuh"
@@ -267,11 +268,16 @@ template <class T, int HD, int B>
 void launch_tiled(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     const size_t bytes = size_t(kTileQ) * (HD + 1) * 4 + size_t(kTileQ) * (kTileK + 1) * 4 +
                          2 * size_t(kTileK) * k_stride<HD>() * sizeof(T);
-    static bool attr = [&] {
+    // The shared-memory limit is an attribute of the function on each device
+    // (tensor-parallel ranks launch it on several): set once per device.
+    static std::atomic<unsigned long long> done{0};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(done.load(std::memory_order_acquire) & bit)) {
         cudaFuncSetAttribute(paged_attention_tiled_k<T, HD, B>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-        return true;
-    }();
-    (void)attr;
+        done.fetch_or(bit, std::memory_order_release);
+    }
     paged_attention_tiled_k<T, HD, B><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
 }
 

@@ -23,7 +23,7 @@ export NCCL_NVLS_ENABLE=0
 mkdir -p "$W/llama8b" "$OUTDIR"
 if [ "$STEP" != bench ]; then
 if [ -n "$GPU_TESTS" ]; then
-    TM_SHARED="$SHARED" "$GPU_TESTS" --gtest_filter='Nccl.*:CudaBackend.TensorParallel*' | tee "$OUTDIR/gpu-tests-tp.txt"
+    TM_SHARED="$SHARED" timeout 300 "$GPU_TESTS" --gtest_filter='Nccl.*:CudaBackend.TensorParallel*' | tee "$OUTDIR/gpu-tests-tp.txt"
 fi
 "$BIN/allreduce_bench" 4096 | tee "$OUTDIR/allreduce.jsonl"
 cp "$HERE/llama3-8b-config.json" "$W/llama8b/config.json"
@@ -51,14 +51,18 @@ print(f"greedy --tp 2 vs --tp 1: {same}/{len(a)} prompts equal over 32 tokens")
 PY
 fi
 [ "$STEP" = prep ] && exit 0
+# SUBSET=N with TM_BENCH_ONLY=decode_b1,offline_subset: the first N requests
+# only (a short device call).
 for tp in 1 2; do
-    "$BIN/engine_bench" "$W/ws$tp" 0 cuda 4096 "$SHARED/bench/sharegpt-like-1000.jsonl" |
+    "$BIN/engine_bench" "$W/ws$tp" 0 cuda 4096 "$SHARED/bench/sharegpt-like-1000.jsonl" ${SUBSET:-} |
         sed "s/^{/{\"tp\": $tp, /" | tee "$OUTDIR/tm-tp$tp.jsonl"
 done
 python3 - "$OUTDIR" <<'PY'
 import json, sys
 out = sys.argv[1]
-r = {tp: {d["bench"]: d["value"] for d in map(json.loads, open(f"{out}/tm-tp{tp}.jsonl"))} for tp in (1, 2)}
-for k in ("decode_b1", "prefill_2048", "decode_b16", "offline_output"):
-    print(f"{k:<16} tp1 {r[1][k]:>10.1f}  tp2 {r[2][k]:>10.1f}  x{r[2][k] / r[1][k]:.2f}")
+r = {tp: {d["bench"] + (f" ({d['requests']})" if "requests" in d else ""): d["value"]
+          for d in map(json.loads, open(f"{out}/tm-tp{tp}.jsonl"))} for tp in (1, 2)}
+for k in r[1]:
+    if k in r[2]:
+        print(f"{k:<22} tp1 {r[1][k]:>10.1f}  tp2 {r[2][k]:>10.1f}  x{r[2][k] / r[1][k]:.2f}")
 PY

@@ -19,7 +19,7 @@ trap 'rm -rf "$TMP"' EXIT
 fail=0
 
 echo "== gpu-tests"
-TM_SHARED="$SHARED" "$GPU_TESTS" --gtest_output=json:"$OUTDIR/gpu-tests.json" || fail=1
+TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_output=json:"$OUTDIR/gpu-tests.json" || fail=1
 
 SAN=${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}
 if [ -x "$SAN" ]; then

@@ -68,6 +68,9 @@ public:
     // When forward() returned null (plan.greedy_only): the argmax of each
     // logit row, in plan.logit_rows order.
     virtual const int* greedy_ids() { return nullptr; }
+    // A tensor-parallel rank whose peer failed: make this rank's pending
+    // collectives return (Communicator::abort). Callable from any thread.
+    virtual void abort_collectives() {}
     // log p(targets[i] | row logits_index[i]) from the last forward's logits.
     virtual void token_logprobs(const int* logit_index, const int* targets, int n, float* out) = 0;
     // The KV pool size to use when the user sets none: `fraction` of the

@@ -19,6 +19,10 @@ public:
     // x[0, n) = the sum over ranks of x[0, n), in rank order (every rank
     // gets the same bits). Every rank calls it with the same n.
     virtual void all_reduce_sum(float* x, size_t n) = 0;
+    // Ends the group after an error on some rank: collectives pending on this
+    // rank return instead of waiting for a rank that will never come (the
+    // group is unusable afterwards). Callable from any thread.
+    virtual void abort() {}
 };
 
 // N ranks as threads sharing memory. Each rank's thread uses comm(rank).

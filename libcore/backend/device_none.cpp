@@ -12,6 +12,10 @@ int cuda_device_count(std::string* why) {
 
 bool built_with_cuda() { return false; }
 
+void cuda_prepare_for_ranks(int) {}
+
+bool cuda_eager_loading() { return true; }
+
 std::unique_ptr<Backend> make_cuda_backend(const Workspace&, const CudaBackendOptions&) {
     throw Error("this build has no CUDA backend (built with CUDA=0); use --device cpu");
 }

@@ -129,6 +129,11 @@ private:
             } catch (...) {
                 err = std::current_exception();
             }
+            // A rank that failed would leave the others waiting in a
+            // collective for ever: end the group so they return too.
+            if (err)
+                for (auto& b : ranks_)
+                    if (b) b->abort_collectives();
             std::lock_guard<std::mutex> lk(mu_);
             if (err && !error_) error_ = err;
             if (--pending_ == 0) done_cv_.notify_all();

@@ -264,6 +264,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
                     std::to_string(opt.tp) + " (run with --tp " + std::to_string(tp) + ", or convert again with --tp " +
                     std::to_string(opt.tp) + ")");
     std::string why;
+    if (device != "cpu") cuda_prepare_for_ranks(tp);
     const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
     if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
     std::vector<float> kv_params;

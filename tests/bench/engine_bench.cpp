@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -172,12 +173,20 @@ int main(int argc, char** argv) {
     if (eo.device != "cpu") {
         // GPU: the engine's figures; scripts/bench-gpu.sh puts them next to
         // Hugging Face and the hardware bounds.
-        line("decode_b1", median3([&] { return decode_rate(*e, 1, 128, 256); }), "tok/s", "");
-        const double pre = median3([&] { return prompt_rate(*e, 2048); });
-        line("prefill_2048", pre, "tok/s", ", \"ttft_s\": " + std::to_string(2048.0 / pre));
-        line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
-        if (argc > 6) offline(*e, argv[5], std::atoi(argv[6]));  // the subset Hugging Face also runs
-        if (argc > 5) offline(*e, argv[5], 1 << 30);
+        // TM_BENCH_ONLY=decode_b1,offline (say) runs those figures alone;
+        // offline_subset: only the first SUBSET requests.
+        const char* only = std::getenv("TM_BENCH_ONLY");
+        auto want = [&](const char* fig) { return !only || std::strstr(only, fig); };
+        if (want("decode_b1")) line("decode_b1", median3([&] { return decode_rate(*e, 1, 128, 256); }), "tok/s", "");
+        if (want("prefill")) {
+            const double pre = median3([&] { return prompt_rate(*e, 2048); });
+            line("prefill_2048", pre, "tok/s", ", \"ttft_s\": " + std::to_string(2048.0 / pre));
+        }
+        if (want("decode_b16")) line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
+        if (want("offline")) {
+            if (argc > 6) offline(*e, argv[5], std::atoi(argv[6]));  // the subset Hugging Face also runs
+            if (argc > 5 && !(only && std::strstr(only, "offline_subset"))) offline(*e, argv[5], 1 << 30);
+        }
         return 0;
     }
     tmc::Workspace ws(argv[1]);

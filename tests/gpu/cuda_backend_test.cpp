@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -17,6 +18,10 @@
 #include "tm/workspace.hpp"
 
 namespace {
+
+// Tensor-parallel ranks are threads of this process: CUDA must load modules
+// eagerly (see tmc::cuda_prepare_for_ranks), and it reads the variable once.
+const int kEagerLoading = (setenv("CUDA_MODULE_LOADING", "EAGER", 0), 0);
 
 std::string shared_dir() {
     const char* s = std::getenv("TM_SHARED");

@@ -29,7 +29,8 @@ TEST(Nccl, AllReduceAcrossEveryGpuAndInAGraph) {
                 float* d = nullptr;
                 cudaMalloc(&d, count * 4);
                 cudaMemcpy(d, h.data(), count * 4, cudaMemcpyHostToDevice);
-                comm->all_reduce_sum(d, count);
+                // The first collective of the group is captured (as when a
+                // server's first step is a decode step), then run plainly.
                 cudaGraph_t g;
                 cudaGraphExec_t e;
                 cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
@@ -38,6 +39,7 @@ TEST(Nccl, AllReduceAcrossEveryGpuAndInAGraph) {
                 cudaGraphInstantiate(&e, g, 0);
                 cudaGraphLaunch(e, s);
                 cudaGraphLaunch(e, s);
+                comm->all_reduce_sum(d, count);
                 cudaStreamSynchronize(s);
                 got[size_t(r)].resize(count);
                 cudaMemcpy(got[size_t(r)].data(), d, count * 4, cudaMemcpyDeviceToHost);

@@ -5,6 +5,7 @@
 // the residual stream and logits fp32.
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "kernels/kernels.cuh"
 #include "model/rope.hpp"
 #include "model/weight_names.hpp"
+#include "tm/device.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
 
@@ -66,6 +68,9 @@ public:
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     const int* greedy_ids() override { return h_ids_; }
+    void abort_collectives() override {
+        if (comm_) comm_->abort();
+    }
 
 private:
     struct Layer {
@@ -76,6 +81,11 @@ private:
     void add_projection(const DevWeight& w, const void* in, int T);
     size_t step_bytes(int max_tokens) const;
     void launched(const char* what) { check(cudaGetLastError(), what); }
+    // TM_TP_TRACE=1: each rank's host-side progress on stderr (hangs between ranks).
+    void trace(const char* what, int a = -1) const {
+        if (trace_) std::fprintf(stderr, "[rank %d] %s %d\n", rank_, what, a), std::fflush(stderr);
+    }
+    bool trace_ = false;
     void run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows, size_t o_boff,
              size_t o_single, size_t o_tiles, size_t o_blocks);
     static constexpr int kMaxGraphBatch = 256;
@@ -152,6 +162,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     device_name_ = prop.name;
     if (const char* g = std::getenv("TM_CUDA_GRAPHS")) graphs_enabled_ = std::string(g) != "0";
     if (const char* g = std::getenv("TM_CUDA_SPLIT_ATTENTION")) split_attention_ = std::string(g) != "0";
+    if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
     check(cb.create(&blas_), "cublasCreate");
@@ -269,6 +280,7 @@ struct MetaLayout {
 
 float* CudaBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
+    trace("forward rows", T);
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
         throw Error("cuda backend: batch plan outside the limits it was initialized with");
     // Attention work: sequences with several rows this step go in tiles of
@@ -324,6 +336,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         cudaGraphExec_t& exec = graphs_[size_t(T)];
         if (!exec) {
             cudaGraph_t graph;
+            trace("capture rows", T);
             check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
             try {
                 run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
@@ -335,6 +348,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
             check(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
             cudaGraphDestroy(graph);
         }
+        trace("graph launch rows", T);
         check(cudaGraphLaunch(exec, stream_), "graph launch");
     } else {
         run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
@@ -347,10 +361,12 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaStreamSynchronize(stream_), "forward");
         return nullptr;
     }
+    trace("synchronize rows", T);
     if (L > 0)
         check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(out_rows_) * 4, cudaMemcpyDeviceToHost, stream_),
               "logits download");
     check(cudaStreamSynchronize(stream_), "forward");
+    trace("done rows", T);
     return h_logits_;
 }
 
@@ -364,6 +380,7 @@ void CudaBackend::add_projection(const DevWeight& w, const void* in, int T) {
         return;
     }
     gemm(w, in, T, x_.p, CUDA_R_32F, H, rank_ == 0 ? 1.0f : 0.0f);
+    trace("all-reduce rows", T);
     comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
 }
 
@@ -433,6 +450,10 @@ std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBac
     if (cudaGetDeviceCount(&n) != cudaSuccess || n < tp)
         throw Error(ws.dir() + ": --tp " + std::to_string(tp) + " needs " + std::to_string(tp) + " GPUs; " +
                     std::to_string(n) + " visible");
+    if (!cuda_eager_loading())
+        throw Error("--tp " + std::to_string(tp) +
+                    " on CUDA needs eager module loading (lazy loading can deadlock the ranks): start the program "
+                    "with CUDA_MODULE_LOADING=EAGER");
     const cuda::NcclId id = cuda::nccl_unique_id();
     const Workspace* w = &ws;
     return make_tp_backend(ws.model(), tp, [=](int r) {

@@ -2,6 +2,7 @@
 
 #include <nccl.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -17,6 +18,7 @@ struct Nccl {
     ncclResult_t (*get_unique_id)(ncclUniqueId*);
     ncclResult_t (*comm_init_rank)(ncclComm_t*, int, ncclUniqueId, int);
     ncclResult_t (*comm_destroy)(ncclComm_t);
+    ncclResult_t (*comm_abort)(ncclComm_t);
     ncclResult_t (*all_reduce)(const void*, void*, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t);
     const char* (*error_string)(ncclResult_t);
 };
@@ -24,12 +26,17 @@ struct Nccl {
 const Nccl& nccl() {
     static Nccl n = [] {
         setenv("NCCL_NVLS_ENABLE", "0", 0);  // the device machines need multicast off
+        // Connect every channel at ncclCommInitRank, not at a collective's
+        // first use: the first all-reduce may be inside a CUDA graph capture,
+        // where setting up peer access is not permitted.
+        setenv("NCCL_RUNTIME_CONNECT", "0", 0);
         const DynLib lib("NCCL", {"libnccl.so.2", "libnccl.so", "/usr/local/cuda/lib/libnccl.so.2",
                                   "/usr/local/cuda/lib64/libnccl.so.2"});
         Nccl t;
         lib.get(t.get_unique_id, "ncclGetUniqueId");
         lib.get(t.comm_init_rank, "ncclCommInitRank");
         lib.get(t.comm_destroy, "ncclCommDestroy");
+        lib.get(t.comm_abort, "ncclCommAbort");
         lib.get(t.all_reduce, "ncclAllReduce");
         lib.get(t.error_string, "ncclGetErrorString");
         return t;
@@ -48,20 +55,44 @@ public:
         static_assert(sizeof(u.internal) == std::tuple_size<NcclId>::value);
         std::memcpy(u.internal, id.data(), id.size());
         check(nccl().comm_init_rank(&comm_, n, u, rank), "ncclCommInitRank");
+        try {
+            warm_up();
+        } catch (...) {
+            nccl().comm_abort(comm_);
+            throw;
+        }
     }
     ~NcclComm() override {
-        if (comm_) nccl().comm_destroy(comm_);
+        if (!aborted_.exchange(true)) nccl().comm_destroy(comm_);
+    }
+    void abort() override {
+        if (!aborted_.exchange(true)) nccl().comm_abort(comm_);
     }
     int rank() const override { return rank_; }
     int size() const override { return n_; }
     void all_reduce_sum(float* x, size_t n) override {
+        if (aborted_) throw Error("NCCL: the tensor-parallel group was ended after an error on another rank");
         check(nccl().all_reduce(x, x, n, ncclFloat, ncclSum, comm_, stream_), "ncclAllReduce");
     }
 
 private:
+    // One all-reduce outside any capture, so that whatever NCCL still sets up
+    // lazily is done before a decode step is captured.
+    void warm_up() {
+        float* d = nullptr;
+        if (cudaMalloc(&d, 256 * sizeof(float)) != cudaSuccess) throw Error("NCCL warm-up: cudaMalloc failed");
+        cudaMemsetAsync(d, 0, 256 * sizeof(float), stream_);
+        const ncclResult_t r = nccl().all_reduce(d, d, 256, ncclFloat, ncclSum, comm_, stream_);
+        const cudaError_t e = cudaStreamSynchronize(stream_);
+        cudaFree(d);
+        check(r, "ncclAllReduce (warm-up)");
+        if (e != cudaSuccess) throw Error(std::string("NCCL warm-up: ") + cudaGetErrorString(e));
+    }
+
     int rank_, n_;
     cudaStream_t stream_;
     ncclComm_t comm_ = nullptr;
+    std::atomic<bool> aborted_{false};
 };
 
 }  // namespace
