@@ -108,6 +108,8 @@ struct AttnArgs {
     // Split along the sequence (flash-decoding): scratch of
     // attention_split_floats() floats, or null for one block per (row, KV head).
     float* split_scratch = nullptr;
+    // Prefill tiles on tensor cores (paged_attention_tiled).
+    bool tensor_cores = false;
 };
 // One block per (row, KV head, split of the sequence), for the rows listed
 // in `rows` (n of them; null: rows 0..T-1); a second kernel merges the

@@ -5,7 +5,8 @@
 #      forward pass against the CPU reference on fresh random inputs;
 #   2. the kernel tests again under compute-sanitizer memcheck;
 #   3. tinytech end to end on the GPU: perplexity of eval.txt within 0.5% of
-#      the reference bf16 figure 28.4168, and greedy outputs equal to the
+#      the reference bf16 figure 28.4168 (with the prefill attention on CUDA
+#      cores and on tensor cores), and greedy outputs equal to the
 #      reference for at least 10 of the 12 golden prompts over 16 tokens.
 # Usage: scripts/test-gpu.sh [BUILD_DIR] [SHARED_DIR]   (results also under $OUT when set)
 set -eu
@@ -38,6 +39,17 @@ ok = abs(p - 28.4168) / 28.4168 <= 0.005
 print(f"perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
 sys.exit(0 if ok else 1)
 EOF
+echo "== prefill attention on tensor cores (TM_CUDA_MMA_ATTENTION=1): forward pass and perplexity"
+TM_CUDA_MMA_ATTENTION=1 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_filter='CudaBackend.MatchesCpu*' \
+    > "$OUTDIR/gpu-tests-mma.txt" 2>&1 && echo "forward pass: ok" || { echo "forward pass: FAIL"; tail -20 "$OUTDIR/gpu-tests-mma.txt"; fail=1; }
+TM_CUDA_MMA_ATTENTION=1 "$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" > "$OUTDIR/ppl-cuda-mma.json"
+python3 - "$OUTDIR/ppl-cuda-mma.json" <<'EOF2' || fail=1
+import json, sys
+p = json.load(open(sys.argv[1]))["perplexity"]
+ok = abs(p - 28.4168) / 28.4168 <= 0.005
+print(f"tensor cores: perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
+sys.exit(0 if ok else 1)
+EOF2
 echo "== quantized KV cache on the GPU (tinytech perplexity)"
 # Static scales come from CALIB_STATS (tm-calib of tinytech on calib.txt) when given.
 for mode in int8-online int4-online int8-static int4-static; do

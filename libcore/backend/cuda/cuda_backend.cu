@@ -91,6 +91,7 @@ private:
     static constexpr int kMaxGraphBatch = 256;
     bool graphs_enabled_ = true;
     bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
+    bool mma_attention_ = false;   // TM_CUDA_MMA_ATTENTION=1: prefill tiles on tensor cores
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -162,6 +163,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     device_name_ = prop.name;
     if (const char* g = std::getenv("TM_CUDA_GRAPHS")) graphs_enabled_ = std::string(g) != "0";
     if (const char* g = std::getenv("TM_CUDA_SPLIT_ATTENTION")) split_attention_ = std::string(g) != "0";
+    if (const char* g = std::getenv("TM_CUDA_MMA_ATTENTION")) mma_attention_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
@@ -406,7 +408,7 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
         cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
         launched("qkv_rope_cache");
         cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p,
-                          split_attention_ ? attn_split_.p : nullptr};
+                          split_attention_ ? attn_split_.p : nullptr, mma_attention_};
         if (cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_)) {
             cuda::paged_attention(dt_, aa, bd, kvl_, d_single, int(n_single), stream_);
         } else {
