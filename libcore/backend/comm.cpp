@@ -1,5 +1,7 @@
 #include "backend/comm.hpp"
 
+#include "tm/error.hpp"
+
 namespace tmc {
 
 class LocalGroup::Rank final : public Communicator {
@@ -14,7 +16,7 @@ public:
         const int N = g_.n_;
         if (N == 1) return;
         g_.ptrs_[size_t(r_)] = x;
-        g_.bar_.arrive_and_wait();
+        g_.arrive_and_wait();
         const size_t lo = n * size_t(r_) / size_t(N), hi = n * size_t(r_ + 1) / size_t(N);
         float* out = g_.ptrs_[0];
         for (size_t i = lo; i < hi; ++i) {
@@ -22,23 +24,48 @@ public:
             for (int k = 1; k < N; ++k) s += g_.ptrs_[size_t(k)][i];
             out[i] = s;
         }
-        g_.bar_.arrive_and_wait();
+        g_.arrive_and_wait();
         if (r_ != 0)
             for (size_t i = 0; i < n; ++i) x[i] = out[i];
-        g_.bar_.arrive_and_wait();  // rank 0's buffer is read until here
+        g_.arrive_and_wait();  // rank 0's buffer is read until here
     }
+
+    void abort() override { g_.abort(); }
 
 private:
     LocalGroup& g_;
     int r_;
 };
 
-LocalGroup::LocalGroup(int n) : n_(n), bar_(n), ptrs_(size_t(n), nullptr) {
+LocalGroup::LocalGroup(int n) : n_(n), ptrs_(size_t(n), nullptr) {
     for (int r = 0; r < n; ++r) ranks_.push_back(std::make_unique<Rank>(*this, r));
 }
 
 LocalGroup::~LocalGroup() = default;
 
 Communicator& LocalGroup::comm(int rank) { return *ranks_[size_t(rank)]; }
+
+void LocalGroup::abort() {
+    aborted_.store(true);
+    generation_.fetch_add(1, std::memory_order_release);
+    generation_.notify_all();
+}
+
+// The last rank to arrive starts the next generation; the others spin a
+// little (all-reduces come in quick succession), then sleep on it.
+void LocalGroup::arrive_and_wait() {
+    auto dead = [] { throw Error("the tensor-parallel group was ended after an error on another rank"); };
+    if (aborted_.load()) dead();
+    const uint32_t g = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+        arrived_.store(0, std::memory_order_relaxed);
+        generation_.fetch_add(1, std::memory_order_release);
+        generation_.notify_all();
+        return;
+    }
+    for (int spin = 0; generation_.load(std::memory_order_acquire) == g; ++spin)
+        if (spin >= 2000) generation_.wait(g, std::memory_order_acquire);
+    if (aborted_.load()) dead();
+}
 
 }  // namespace tmc

@@ -4,8 +4,9 @@
 // any machine); the NCCL communicator (one GPU per rank) has the same shape.
 #pragma once
 
-#include <barrier>
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -32,12 +33,17 @@ public:
     ~LocalGroup();
     int size() const { return n_; }
     Communicator& comm(int rank);
+    // Every rank waiting in (or later entering) an all-reduce throws tmc::Error.
+    void abort();
 
 private:
     class Rank;
     friend class Rank;
+    void arrive_and_wait();  // a barrier of the n ranks that abort() breaks
     int n_;
-    std::barrier<> bar_;
+    std::atomic<int> arrived_{0};
+    std::atomic<uint32_t> generation_{0};
+    std::atomic<bool> aborted_{false};
     std::vector<float*> ptrs_;
     std::vector<std::unique_ptr<Rank>> ranks_;
 };

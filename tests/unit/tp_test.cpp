@@ -145,3 +145,44 @@ TEST(TensorParallel, EngineRunsTp2AndRefusesAnotherTp) {
 }
 
 }  // namespace
+
+namespace {
+
+// Rank 1 fails in the middle of a forward pass: the other ranks, waiting for
+// it in an all-reduce, must return (the error comes out of forward) rather
+// than wait for ever; the group stays ended afterwards.
+struct FailingRank final : tmc::ForwardObserver {
+    FailingRank* other = nullptr;
+    bool fail = false;
+    void observe(int layer, Point p, const float*, int, size_t, int) override {
+        if (fail && layer == 1 && p == FfnIn) throw tmc::Error("rank 1 failed");
+    }
+    ForwardObserver* for_rank(int rank, int) override { return rank == 1 ? other : this; }
+};
+
+TEST(TensorParallel, AFailingRankEndsTheGroupInsteadOfHanging) {
+    Ws w("tinytech-25m", 2);
+    FailingRank r0, r1;
+    r1.fail = true;
+    r0.other = &r1;
+    tmc::CpuBackendOptions o;
+    o.threads = 2;
+    o.observer = &r0;
+    auto be = tmc::make_cpu_tp_backend(*w.ws, o);
+    tmc::BackendLimits lim;
+    lim.num_blocks = 16, lim.block_size = 4, lim.max_batch_tokens = 16, lim.max_logit_rows = 16, lim.max_context = 64;
+    be->init(lim);
+    std::vector<int> table = {0, 1};
+    tmc::BatchPlan p;
+    tmc::BatchPlan::Seq q;
+    q.row_begin = 0, q.n_rows = 4, q.ctx_len = 4, q.blocks = table.data(), q.n_blocks = 2;
+    p.tokens = {1, 5, 9, 13};
+    p.positions = {0, 1, 2, 3};
+    p.logit_rows = {3};
+    p.seqs.push_back(q);
+    EXPECT_THROW(be->forward(p), tmc::Error);
+    r1.fail = false;
+    EXPECT_THROW(be->forward(p), tmc::Error);  // the group is gone
+}
+
+}  // namespace

@@ -44,6 +44,9 @@ public:
         return size_t(cfg_.num_layers) * (2 * kvs * size_t(kvq_) / 8 + 4 * nkv * 4);
     }
     void init(const BackendLimits& limits) override;
+    void abort_collectives() override {
+        if (comm_) comm_->abort();
+    }
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     size_t default_kv_bytes(double, int) const override { return size_t(1) << 30; }
