@@ -39,8 +39,8 @@ ok = abs(p - 28.4168) / 28.4168 <= 0.005
 print(f"perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
 sys.exit(0 if ok else 1)
 EOF
-echo "== prefill attention on tensor cores (TM_CUDA_MMA_ATTENTION=1): forward pass and perplexity"
-TM_CUDA_MMA_ATTENTION=1 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_filter='CudaBackend.MatchesCpu*' \
+echo "== prefill attention on tensor cores and bucketed decode graphs (TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1)"
+TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_filter='CudaBackend.MatchesCpu*' \
     > "$OUTDIR/gpu-tests-mma.txt" 2>&1 && echo "forward pass: ok" || { echo "forward pass: FAIL"; tail -20 "$OUTDIR/gpu-tests-mma.txt"; fail=1; }
 TM_CUDA_MMA_ATTENTION=1 "$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" > "$OUTDIR/ppl-cuda-mma.json"
 python3 - "$OUTDIR/ppl-cuda-mma.json" <<'EOF2' || fail=1
@@ -80,14 +80,17 @@ for i, l in enumerate(open(sys.argv[1])):
         print(json.dumps({"id": i, "prompt": g["prompt"], "temperature": 0, "max_tokens": 16, "return_token_ids": True}))
 EOF
 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/in.jsonl" > "$OUTDIR/greedy-cuda.jsonl"
-python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" "$OUTDIR/greedy-cuda.jsonl" <<'EOF' || fail=1
+TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/in.jsonl" > "$OUTDIR/greedy-cuda-new.jsonl"
+for f in greedy-cuda greedy-cuda-new; do
+python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" "$OUTDIR/$f.jsonl" "$f" <<'EOF' || fail=1
 import json, sys
 gold = [json.loads(l) for l in open(sys.argv[1])]
 out = {o["id"]: o for o in map(json.loads, open(sys.argv[2]))}
 same = sum(out[i]["token_ids"][:16] == g["output_ids"][:16] for i, g in enumerate(gold) if "prompt" in g)
 n = sum("prompt" in g for g in gold)
-print(f"greedy: {same}/{n} prompts equal the reference over 16 tokens: {'ok' if same >= 10 else 'FAIL'}")
+print(f"{sys.argv[3]}: {same}/{n} prompts equal the reference over 16 tokens: {'ok' if same >= 10 else 'FAIL'}")
 sys.exit(0 if same >= 10 else 1)
 EOF
+done
 [ "$fail" -eq 0 ] && echo "test-gpu: all passed" || echo "test-gpu: FAILED"
 exit "$fail"

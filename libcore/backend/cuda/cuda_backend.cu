@@ -92,6 +92,7 @@ private:
     bool graphs_enabled_ = true;
     bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
     bool mma_attention_ = false;   // TM_CUDA_MMA_ATTENTION=1: prefill tiles on tensor cores
+    bool graph_buckets_ = false;   // TM_CUDA_GRAPH_BUCKETS=1: decode batches padded to graph_bucket() sizes
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -164,6 +165,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     if (const char* g = std::getenv("TM_CUDA_GRAPHS")) graphs_enabled_ = std::string(g) != "0";
     if (const char* g = std::getenv("TM_CUDA_SPLIT_ATTENTION")) split_attention_ = std::string(g) != "0";
     if (const char* g = std::getenv("TM_CUDA_MMA_ATTENTION")) mma_attention_ = std::string(g) == "1";
+    if (const char* g = std::getenv("TM_CUDA_GRAPH_BUCKETS")) graph_buckets_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
@@ -244,7 +246,7 @@ void CudaBackend::init(const BackendLimits& limits) {
     kvl_.bits = kv_bits_;
     if (kv_bits_ != 16 && (kvl_.rows_per_block() * kvl_.row_bytes() % 8 || kvl_.block_bytes() % 8))
         throw Error("cuda backend: this block size and head_dim do not align the quantized cache's scales");
-    kv_.alloc((size_t(lim_.num_blocks) * kvl_.block_bytes() + 1) / 2);
+    kv_.alloc((size_t(lim_.num_blocks + 1) * kvl_.block_bytes() + 1) / 2);  // + the scratch block of padded rows
     kvl_.base = kv_.p;
     const size_t T = size_t(lim_.max_batch_tokens), H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size);
     x_.alloc(T * H);
@@ -280,6 +282,12 @@ struct MetaLayout {
     size_t tokens, positions, row_seq, lrows, boff, single, tiles, blocks, total;
 };
 
+// Decode batches padded up to these sizes share one captured graph.
+int graph_bucket(int T) {
+    if (T <= 4) return T <= 1 ? 1 : T <= 2 ? 2 : 4;
+    return (T + 7) / 8 * 8;
+}
+
 float* CudaBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
     trace("forward rows", T);
@@ -295,16 +303,28 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         else n_single += size_t(q.n_rows);
         n_blocks += size_t(q.n_blocks);
     }
+    // Decode steps (one row per sequence) replay a CUDA graph per batch size;
+    // with buckets, the batch is padded to the bucket's size by rows of
+    // token 0 at position 0, each its own sequence over the scratch block
+    // (their K/V land there, their outputs are ignored).
+    const bool decode = n_tiles == 0 && size_t(T) == n_single && L == T && S == T;
+    const bool use_graph = decode && graphs_enabled_ && T <= kMaxGraphBatch;
+    int Tp = T;
+    if (use_graph && graph_buckets_) {
+        const int b = graph_bucket(T);
+        if (b <= lim_.max_batch_tokens && b <= lim_.max_logit_rows) Tp = b;
+    }
+    const int pad = Tp - T;
     MetaLayout ml;
     ml.tokens = 0;
-    ml.positions = size_t(T);
-    ml.row_seq = 2 * size_t(T);
-    ml.lrows = 3 * size_t(T);
-    ml.boff = ml.lrows + size_t(L);
-    ml.single = ml.boff + size_t(S);
-    ml.tiles = (ml.single + n_single + 1) / 2 * 2;  // int2-aligned
+    ml.positions = size_t(Tp);
+    ml.row_seq = 2 * size_t(Tp);
+    ml.lrows = 3 * size_t(Tp);
+    ml.boff = ml.lrows + size_t(L + pad);
+    ml.single = ml.boff + size_t(S + pad);
+    ml.tiles = (ml.single + n_single + size_t(pad) + 1) / 2 * 2;  // int2-aligned
     ml.blocks = ml.tiles + 2 * n_tiles;
-    ml.total = ml.blocks + n_blocks;
+    ml.total = ml.blocks + n_blocks + (pad > 0 ? 1 : 0);
     if (ml.total > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
     int* m = h_meta_;
     std::memcpy(m + ml.tokens, plan.tokens.data(), size_t(T) * 4);
@@ -329,19 +349,29 @@ float* CudaBackend::forward(const BatchPlan& plan) {
                 for (int r = 0; r < q.n_rows; ++r) *single++ = q.row_begin + r;
             }
         }
+        if (pad > 0) {
+            m[ml.blocks + bo] = lim_.num_blocks;  // the scratch block
+            for (int j = 0; j < pad; ++j) {
+                const int r = T + j;
+                m[ml.tokens + size_t(r)] = 0;
+                m[ml.positions + size_t(r)] = 0;
+                m[ml.lrows + size_t(r)] = r;
+                m[ml.row_seq + size_t(r)] = S + j;
+                m[ml.boff + size_t(S + j)] = int(bo);
+                *single++ = r;
+            }
+        }
     }
     check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
 
-    // Decode steps (one row per sequence) replay a CUDA graph per batch size.
-    const bool decode = n_tiles == 0 && size_t(T) == n_single && L == T && S == T;
-    if (decode && graphs_enabled_ && T <= kMaxGraphBatch) {
-        cudaGraphExec_t& exec = graphs_[size_t(T)];
+    if (use_graph) {
+        cudaGraphExec_t& exec = graphs_[size_t(Tp)];
         if (!exec) {
             cudaGraph_t graph;
-            trace("capture rows", T);
+            trace("capture rows", Tp);
             check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
             try {
-                run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+                run(Tp, Tp, size_t(Tp), 0, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
             } catch (...) {
                 cudaStreamEndCapture(stream_, &graph);
                 throw;
@@ -350,7 +380,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
             check(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
             cudaGraphDestroy(graph);
         }
-        trace("graph launch rows", T);
+        trace("graph launch rows", Tp);
         check(cudaGraphLaunch(exec, stream_), "graph launch");
     } else {
         run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
