@@ -7,7 +7,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <list>
 #include <random>
@@ -15,6 +18,7 @@
 #include <unordered_map>
 
 #include "backend/backend.hpp"
+#include "backend/cpu/thread_pool.hpp"
 #include "base/mapped_file.hpp"
 #include "engine/block_manager.hpp"
 #include "engine/sampler.hpp"
@@ -89,6 +93,8 @@ struct Command {
 }  // namespace
 
 struct Engine::Impl {
+    // TM_STEP_LOG=FILE: one JSON line per step (rows, sequences, times).
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> step_log{nullptr, std::fclose};
     // Set once at open.
     std::unique_ptr<Workspace> ws;
     std::unique_ptr<Tokenizer> tok;
@@ -111,7 +117,14 @@ struct Engine::Impl {
 
     // Engine thread state.
     std::unique_ptr<BlockManager> bm;
-    std::unique_ptr<Sampler> sampler;
+    // Sampling (temperature, top-k/p, penalties) runs on the host: one
+    // sampler per pool thread, the rows of a step split between them.
+    std::vector<std::unique_ptr<Sampler>> samplers;
+    std::unique_ptr<cpu::ThreadPool> sample_pool;
+    std::vector<int> picks;
+    std::vector<TokenLogprob> pick_lp;
+    std::vector<int> sample_jobs;
+    std::vector<std::vector<float>> lp_rows;
     std::list<std::unique_ptr<Req>> waiting;
     std::vector<std::unique_ptr<Req>> running;  // oldest first
     std::unordered_map<uint64_t, Session> sessions;
@@ -128,7 +141,6 @@ struct Engine::Impl {
     std::vector<Slot> slots;
     std::vector<int> lp_index, lp_target;
     std::vector<float> lp_out;
-    std::vector<float> lp_row;
     std::vector<float*> lp_dest;
     std::thread thread;
 
@@ -319,7 +331,17 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     lim.max_context = im->max_ctx;
     im->backend->init(lim);
     im->bm = std::make_unique<BlockManager>(num_blocks, block_size);
-    im->sampler = std::make_unique<Sampler>(im->cfg.vocab_size);
+    {
+        // Enough threads to sample a large batch quickly, leaving the rest of
+        // the machine alone (a CPU backend uses its own pool).
+        const int hw = int(std::thread::hardware_concurrency());
+        int n = std::clamp(hw / 2, 1, 8);
+        if (const char* t = std::getenv("TM_SAMPLE_THREADS")) n = std::clamp(std::atoi(t), 1, 64);
+        im->sample_pool = std::make_unique<cpu::ThreadPool>(n);
+        for (int i = 0; i < im->sample_pool->size(); ++i)
+            im->samplers.push_back(std::make_unique<Sampler>(im->cfg.vocab_size));
+        im->lp_rows.resize(size_t(im->sample_pool->size()));
+    }
     im->eos_ids = im->cfg.eos_token_ids;
     if (im->tok->eos_id() >= 0 && std::find(im->eos_ids.begin(), im->eos_ids.end(), im->tok->eos_id()) == im->eos_ids.end())
         im->eos_ids.push_back(im->tok->eos_id());
@@ -331,6 +353,11 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         opt.log("backend " + im->backend->name() + "; KV cache " + std::to_string(int64_t(num_blocks) * block_size) +
                 " tokens (" + std::to_string(num_blocks) + " blocks of " + std::to_string(block_size) +
                 "); context " + std::to_string(im->max_ctx));
+    if (const char* path = std::getenv("TM_STEP_LOG"); path && *path) {
+        im->step_log.reset(std::fopen(path, "w"));
+        if (!im->step_log) throw Error(std::string("TM_STEP_LOG: cannot write ") + path);
+        std::setvbuf(im->step_log.get(), nullptr, _IOLBF, 0);
+    }
     Impl* raw = im.get();
     im->thread = std::thread([raw] { raw->loop(); });
     return std::unique_ptr<Engine>(new Engine(std::move(im)));
@@ -730,6 +757,7 @@ void Engine::Impl::schedule() {
 }
 
 void Engine::Impl::step() {
+    const auto t_step = Clock::now();
     schedule();
     if (slots.empty() && running.empty() && !waiting.empty()) {
         // Waiting requests that hold session blocks can starve the front one:
@@ -752,7 +780,9 @@ void Engine::Impl::step() {
                            p.frequency_penalty != 0.0f)))
             plan.greedy_only = false;
     }
+    const auto t_fwd = Clock::now();
     float* logits = backend->forward(plan);
+    const auto t_post = Clock::now();
     const int* greedy = logits ? nullptr : backend->greedy_ids();
     if (!logits && !greedy) throw Error("the backend returned neither logits nor token ids");
     ++st.steps;
@@ -777,23 +807,44 @@ void Engine::Impl::step() {
         backend->token_logprobs(lp_index.data(), lp_target.data(), int(lp_index.size()), lp_out.data());
         for (size_t k = 0; k < lp_dest.size(); ++k) *lp_dest[k] = lp_out[k];
     }
+    // Sampled rows first, in parallel when there are many (each request has
+    // its own random stream, so the order does not matter).
+    sample_jobs.clear();
+    if (!greedy)
+        for (size_t i = 0; i < slots.size(); ++i)
+            if (slots[i].sample) sample_jobs.push_back(int(i));
+    picks.assign(slots.size(), -1);
+    pick_lp.resize(slots.size());
+    auto sample_one = [&](int job, int thread) {
+        const size_t i = size_t(sample_jobs[size_t(job)]);
+        const Slot& sl = slots[i];
+        Req& r = *sl.r;
+        // Prompt log-probabilities were taken above: the row can be modified.
+        float* row = logits + size_t(sl.logit_begin + sl.n_logits - 1) * V;
+        std::span<const int> prompt(r.seq.tokens.data(), size_t(r.prompt_len));
+        std::span<const int> out(r.seq.tokens.data() + r.prompt_len, size_t(r.out_count()));
+        const int nlp = r.req.sampling.logprobs;
+        std::vector<float>& lp_row = lp_rows[size_t(thread)];
+        if (nlp >= 0) lp_row.assign(row, row + V);  // sampling modifies the row
+        picks[i] = samplers[size_t(thread)]->sample(row, r.req.sampling, prompt, out, r.rng);
+        if (nlp >= 0) pick_lp[i] = token_logprob(lp_row, picks[i], nlp);
+    };
+    if (sample_jobs.size() >= 8) {
+        sample_pool->run(int(sample_jobs.size()), sample_one);
+    } else {
+        for (size_t j = 0; j < sample_jobs.size(); ++j) sample_one(int(j), 0);
+    }
     std::vector<Req*> done;
-    for (auto& sl : slots) {
+    for (size_t i = 0; i < slots.size(); ++i) {
+        const Slot& sl = slots[i];
         Req& r = *sl.r;
         st.prompt_tokens_computed += uint64_t(std::max(0, std::min(r.seq.computed + sl.rows, r.prompt_len) - r.seq.computed));
         r.seq.computed += sl.rows;
         if (sl.sample && greedy) {
             on_token(r, greedy[sl.logit_begin + sl.n_logits - 1]);
         } else if (sl.sample) {
-            // Prompt log-probabilities were taken above: the row can be modified.
-            float* row = logits + size_t(sl.logit_begin + sl.n_logits - 1) * V;
-            std::span<const int> prompt(r.seq.tokens.data(), size_t(r.prompt_len));
-            std::span<const int> out(r.seq.tokens.data() + r.prompt_len, size_t(r.out_count()));
-            const int nlp = r.req.sampling.logprobs;
-            if (nlp >= 0) lp_row.assign(row, row + V);  // sampling modifies the row
-            int tok = sampler->sample(row, r.req.sampling, prompt, out, r.rng);
-            if (nlp >= 0) r.new_lp.push_back(token_logprob(lp_row, tok, nlp));
-            on_token(r, tok);
+            if (r.req.sampling.logprobs >= 0) r.new_lp.push_back(std::move(pick_lp[i]));
+            on_token(r, picks[i]);
         } else if (r.seq.computed == int(r.seq.tokens.size())) {
             // Prefill only (max_tokens reached or 0).
             r.done = FinishReason::Length;
@@ -803,6 +854,21 @@ void Engine::Impl::step() {
     for (size_t i = 0; i < running.size();) {
         if (running[i]->done != FinishReason::None) finish(running[i].get(), running[i]->done);
         else ++i;
+    }
+    if (step_log) {
+        int decode = 0;
+        long ctx = 0;
+        for (auto& q : plan.seqs) decode += q.n_rows == 1, ctx += q.ctx_len;
+        auto us = [](Clock::time_point a, Clock::time_point b) {
+            return long(std::chrono::duration_cast<std::chrono::microseconds>(b - a).count());
+        };
+        std::fprintf(step_log.get(),
+                     "{\"step\": %llu, \"rows\": %zu, \"seqs\": %zu, \"decode_seqs\": %d, \"context_tokens\": %ld, "
+                     "\"running\": %zu, \"waiting\": %zu, \"greedy_only\": %s, \"schedule_us\": %ld, "
+                     "\"forward_us\": %ld, \"after_us\": %ld}\n",
+                     (unsigned long long)st.steps, plan.tokens.size(), plan.seqs.size(), decode, ctx, running.size(),
+                     waiting.size(), plan.greedy_only ? "true" : "false", us(t_step, t_fwd), us(t_fwd, t_post),
+                     us(t_post, Clock::now()));
     }
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "backend/cpu/kernels.hpp"
 
@@ -72,56 +73,137 @@ int Sampler::sample(float* logits, const SamplingParams& p, std::span<const int>
     }
     const float inv_t = 1.0f / p.temperature;
     const float mx = *std::max_element(logits, logits + vocab_);
-    // Candidates with their unnormalized probabilities.
-    cand_.clear();
+    // Unnormalized probabilities exp((l - max) / t) in (0, 1], in place (vectorized).
+    for (int i = 0; i < vocab_; ++i) logits[i] *= inv_t;
+    const float* pr = logits;
+    cpu::cpu_kernels().exp_sum(logits, vocab_, mx * inv_t);
+    const bool filtered = (p.top_k > 0 && p.top_k < vocab_) || p.top_p < 1.0f || p.min_p > 0.0f;
+    if (!filtered) {
+        // Every token, in vocabulary order: the block of 1024 tokens where
+        // the draw lands, then the token in it.
+        constexpr int kBlock = 1024;
+        blocks_.assign(size_t((vocab_ + kBlock - 1) / kBlock), 0.0);
+        double total = 0;
+        for (size_t b = 0; b < blocks_.size(); ++b) {
+            const int lo = int(b) * kBlock, hi = std::min(vocab_, lo + kBlock);
+            float acc[8] = {};
+            int i = lo;
+            for (; i + 8 <= hi; i += 8)
+                for (int j = 0; j < 8; ++j) acc[j] += pr[i + j];
+            double s = 0;
+            for (; i < hi; ++i) s += pr[i];
+            for (float a : acc) s += a;
+            blocks_[b] = s;
+            total += s;
+        }
+        double u = rng.uniform() * total;
+        size_t b = 0;
+        while (b + 1 < blocks_.size() && u >= blocks_[b]) u -= blocks_[b++];
+        const int lo = int(b) * kBlock, hi = std::min(vocab_, lo + kBlock);
+        int last = lo;
+        for (int i = lo; i < hi; ++i) {
+            if (!(pr[i] > 0)) continue;
+            last = i;
+            u -= pr[i];
+            if (u < 0) return i;
+        }
+        return last;
+    }
+    // The filters keep a prefix of the tokens ordered by probability (then
+    // id). Only the tokens that can be in it are sorted: a histogram of the
+    // probabilities' binary exponents finds the lowest exponent the prefix
+    // can reach (the k most probable, or the mass top_p needs, or min_p of
+    // the most probable, whichever filter comes first). Four interleaved
+    // histograms keep consecutive tokens from waiting on one counter.
+    float hmass[4][256] = {};
+    int hcount[4][256] = {};
     for (int i = 0; i < vocab_; ++i) {
-        float e = std::exp((logits[i] - mx) * inv_t);
-        if (e > 0) cand_.emplace_back(e, i);
+        const float e = pr[i];
+        uint32_t bits;
+        std::memcpy(&bits, &e, 4);
+        const int b = e > 0 ? int(bits >> 23) : 0;  // biased exponent: 127 for 1.0, lower for smaller
+        hmass[i & 3][b] += e > 0 ? e : 0.0f;
+        ++hcount[i & 3][b];
     }
-    auto by_prob = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    size_t n = cand_.size();
-    if (p.top_k > 0 && size_t(p.top_k) < n) {
-        std::nth_element(cand_.begin(), cand_.begin() + p.top_k, cand_.end(), by_prob);
-        n = size_t(p.top_k);
-        cand_.resize(n);
+    double mass[256];
+    int count[256];
+    double all = 0;
+    for (int b = 0; b < 256; ++b) {
+        mass[b] = double(hmass[0][b]) + hmass[1][b] + hmass[2][b] + hmass[3][b];
+        count[b] = hcount[0][b] + hcount[1][b] + hcount[2][b] + hcount[3][b];
+        all += mass[b];
     }
-    double total = 0;
-    for (size_t i = 0; i < n; ++i) total += cand_[i].first;
-    const bool need_order = p.top_p < 1.0f || p.min_p > 0.0f;
-    if (need_order) {
-        // Sort only as many of the most probable candidates as top_p needs:
-        // the top 64, then 4x more, until their mass reaches top_p.
-        size_t k = std::min<size_t>(n, 64);
-        for (;;) {
-            std::partial_sort(cand_.begin(), cand_.begin() + long(k), cand_.begin() + long(n), by_prob);
-            double mass = 0;
-            for (size_t i = 0; i < k; ++i) mass += cand_[i].first;
-            if (k == n || mass >= double(p.top_p) * total) break;
-            k = std::min(n, k * 4);
-        }
-        // top_p: the smallest prefix whose mass reaches top_p (at least one).
-        if (p.top_p < 1.0f) {
-            double mass = 0;
-            size_t keep = 0;
-            while (keep < n) {
-                mass += cand_[keep].first;
-                ++keep;
-                if (mass >= double(p.top_p) * total) break;
+    count[0] = 0;  // zeros (underflow) are never candidates
+    int floor_b = 0;
+    {
+        double cum = 0;
+        long cnt = 0;
+        const double need = double(p.top_p) * all;
+        for (int b = 255; b >= 0; --b) {
+            cum += mass[b];
+            cnt += count[b];
+            if (p.top_k > 0 && p.top_k < vocab_) {
+                if (cnt >= p.top_k) { floor_b = b; break; }
+            } else if (p.top_p < 1.0f) {
+                if (cum >= need) { floor_b = b; break; }
+            } else {
+                // min_p alone: probabilities >= min_p (the most probable is 1).
+                float f = p.min_p;
+                uint32_t fb;
+                std::memcpy(&fb, &f, 4);
+                floor_b = std::max(0, int(fb >> 23) - 1);
+                break;
             }
-            n = keep;
         }
-        // min_p: drop candidates below min_p times the most probable.
-        if (p.min_p > 0.0f) {
-            const float floor_p = p.min_p * cand_[0].first;
-            size_t keep = 1;
-            while (keep < n && cand_[keep].first >= floor_p) ++keep;
-            n = keep;
-        }
-        total = 0;
-        for (size_t i = 0; i < n; ++i) total += cand_[i].first;
     }
+    auto collect = [&](int lowest) {
+        cand_.clear();
+        for (int i = 0; i < vocab_; ++i) {
+            const float e = pr[i];
+            uint32_t bits;
+            std::memcpy(&bits, &e, 4);
+            if (e > 0 && int(bits >> 23) >= lowest) cand_.emplace_back(e, i);
+        }
+    };
+    collect(floor_b);
+    if (!(p.top_k > 0 && p.top_k < vocab_) && p.top_p < 1.0f && floor_b > 0) {
+        // The bucket masses are float sums: make sure the candidates do hold
+        // the mass top_p needs, else take every token.
+        double m = 0;
+        for (auto& c : cand_) m += c.first;
+        if (m < double(p.top_p) * all) collect(1);
+    }
+    std::sort(cand_.begin(), cand_.end(), [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    size_t n = cand_.size();
+    if (p.top_k > 0 && size_t(p.top_k) < n) n = size_t(p.top_k);
+    double total = 0;
+    if (p.top_k > 0 && p.top_k < vocab_) {
+        for (size_t i = 0; i < n; ++i) total += cand_[i].first;
+    } else {
+        total = all;
+    }
+    // top_p: the smallest prefix whose mass reaches top_p (at least one).
+    if (p.top_p < 1.0f) {
+        double m = 0;
+        size_t keep = 0;
+        while (keep < n) {
+            m += cand_[keep].first;
+            ++keep;
+            if (m >= double(p.top_p) * total) break;
+        }
+        n = keep;
+    }
+    // min_p: drop candidates below min_p times the most probable.
+    if (p.min_p > 0.0f) {
+        const float floor_p = p.min_p * cand_[0].first;
+        size_t keep = 1;
+        while (keep < n && cand_[keep].first >= floor_p) ++keep;
+        n = keep;
+    }
+    total = 0;
+    for (size_t i = 0; i < n; ++i) total += cand_[i].first;
     double u = rng.uniform() * total;
     for (size_t i = 0; i < n; ++i) {
         u -= cand_[i].first;

@@ -38,6 +38,7 @@ private:
     std::vector<int> count_;
     uint32_t call_ = 0;
     std::vector<std::pair<float, int>> cand_;
+    std::vector<double> blocks_;
 };
 
 }  // namespace tmc

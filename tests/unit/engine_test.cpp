@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <map>
+#include <random>
 #include <thread>
 
 #include "base/mapped_file.hpp"
@@ -157,6 +158,62 @@ TEST(Sampler, GreedySeedsAndFilters) {
     p.presence_penalty = 1;
     l = base;
     EXPECT_EQ(s.sample(l.data(), p, {}, seen, rng), 5);
+}
+
+// Sampled tokens follow the filtered distribution: the kept set computed
+// here by a full sort (top-k, then top-p of what is left, then min-p), the
+// frequencies of many draws within a small total-variation distance of it.
+TEST(Sampler, DrawsFollowTheFilteredDistribution) {
+    const int V = 3000;
+    std::mt19937 g(7);
+    std::normal_distribution<float> nd(0, 2.5f);
+    std::vector<float> base(V);
+    for (auto& x : base) x = nd(g);
+    struct F { float t; int k; float p, min_p; };
+    for (F f : {F{1.0f, 0, 1.0f, 0}, F{0.7f, 0, 0.9f, 0}, F{1.2f, 50, 1.0f, 0}, F{0.9f, 200, 0.8f, 0},
+                F{1.0f, 0, 1.0f, 0.05f}, F{0.8f, 0, 0.95f, 0.01f}}) {
+        // The distribution the filters define.
+        std::vector<std::pair<double, int>> c;
+        const float mx = *std::max_element(base.begin(), base.end());
+        for (int i = 0; i < V; ++i) c.emplace_back(std::exp(double(base[size_t(i)] - mx) / f.t), i);
+        std::sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        size_t n = f.k > 0 ? size_t(f.k) : c.size();
+        double tot = 0;
+        for (size_t i = 0; i < n; ++i) tot += c[i].first;
+        if (f.p < 1) {
+            double m = 0;
+            size_t keep = 0;
+            while (keep < n && (m += c[keep].first, ++keep, m < f.p * tot)) {
+            }
+            n = keep;
+        }
+        if (f.min_p > 0) {
+            size_t keep = 1;
+            while (keep < n && c[keep].first >= f.min_p * c[0].first) ++keep;
+            n = keep;
+        }
+        std::vector<double> want(V, 0.0);
+        tot = 0;
+        for (size_t i = 0; i < n; ++i) tot += c[i].first;
+        for (size_t i = 0; i < n; ++i) want[size_t(c[i].second)] = c[i].first / tot;
+        tmc::Sampler s(V);
+        tmc::SamplingParams p;
+        p.temperature = f.t, p.top_k = f.k, p.top_p = f.p, p.min_p = f.min_p;
+        tmc::Rng rng(3);
+        std::vector<double> got(V, 0.0);
+        const int draws = 40000;
+        std::vector<float> l(V);
+        for (int d = 0; d < draws; ++d) {
+            l = base;
+            const int t = s.sample(l.data(), p, {}, {}, rng);
+            ASSERT_GT(want[size_t(t)], 0.0) << "token " << t << " is filtered out (t " << f.t << " k " << f.k << " p " << f.p << ")";
+            got[size_t(t)] += 1.0 / draws;
+        }
+        double tv = 0;
+        for (int i = 0; i < V; ++i) tv += std::abs(got[size_t(i)] - want[size_t(i)]) / 2;
+        EXPECT_LT(tv, n > 500 ? 0.12 : 0.05) << "t " << f.t << " k " << f.k << " p " << f.p << " min_p " << f.min_p
+                                             << " (" << n << " tokens kept)";
+    }
 }
 
 TEST(Engine, GreedyMatchesReferenceAndIsBatchInvariant) {

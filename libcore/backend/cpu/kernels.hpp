@@ -81,6 +81,8 @@ struct Kernels {
     float (*logsumexp)(const float* x, int n);
     int (*argmax)(const float* x, int n);
     void (*attention_q)(const AttnQArgs& a);
+    // x[i] = exp(x[i] - m) in place; returns the sum.
+    float (*exp_sum)(float* x, int n, float m);
 };
 
 // Row-major 16-bit W [N, K] into panels of 16 rows: out[(n / 16) * 16 * K +

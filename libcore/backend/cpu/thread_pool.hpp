@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace tmc::cpu {
@@ -34,7 +35,8 @@ public:
             for (int i = 0; i < n_tasks; ++i) f(i, 0);
             return;
         }
-        run_impl(n_tasks, [](void* ctx, int task, int thread) { (*static_cast<F*>(ctx))(task, thread); }, &f);
+        using G = std::remove_reference_t<F>;
+        run_impl(n_tasks, [](void* ctx, int task, int thread) { (*static_cast<G*>(ctx))(task, thread); }, &f);
     }
 
 private:
