@@ -29,6 +29,17 @@ void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w
 // out[r] = the index of the largest of x[r, 0..V) (the first of equal maxima).
 void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s);
 
+// How to draw row r's token (kernels/sampling.cu): temperature <= 0 or
+// top_k == 1 is greedy; top_k <= 0, top_p >= 1, min_p <= 0 filter nothing;
+// u is uniform in [0, 1), drawn by the host from the request's stream.
+struct SampleRow {
+    float temperature, top_p, min_p, u;
+    int top_k;
+};
+// ids[r] = a token drawn from row r of logits [R, V] (the rows are
+// overwritten with unnormalized probabilities).
+void sample_rows(float* logits, int R, int V, const SampleRow* rows, int* ids, cudaStream_t s);
+
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i] (16-bit in and out).
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s);
 

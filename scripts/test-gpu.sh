@@ -92,5 +92,24 @@ print(f"{sys.argv[3]}: {same}/{n} prompts equal the reference over 16 tokens: {'
 sys.exit(0 if same >= 10 else 1)
 EOF
 done
+echo "== sampling on the GPU (TM_CUDA_SAMPLING=1): seeded requests repeat, alone and in a batch"
+python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" > "$TMP/sampled.jsonl" <<'EOF'
+import json, sys
+for i, l in enumerate(open(sys.argv[1])):
+    g = json.loads(l)
+    if "prompt" in g:
+        print(json.dumps({"id": i, "prompt": g["prompt"], "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": i,
+                          "max_tokens": 24, "ignore_eos": True, "return_token_ids": True}))
+EOF
+TM_CUDA_SAMPLING=1 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/sampled.jsonl" > "$OUTDIR/sampled-1.jsonl" || fail=1
+TM_CUDA_SAMPLING=1 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/sampled.jsonl" > "$OUTDIR/sampled-2.jsonl" || fail=1
+head -1 "$TMP/sampled.jsonl" | TM_CUDA_SAMPLING=1 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl > "$OUTDIR/sampled-alone.jsonl" || fail=1
+python3 - "$OUTDIR/sampled-1.jsonl" "$OUTDIR/sampled-2.jsonl" "$OUTDIR/sampled-alone.jsonl" <<'EOF' || fail=1
+import json, sys
+a, b, c = ({o["id"]: o["token_ids"] for o in map(json.loads, open(f))} for f in sys.argv[1:4])
+ok = a == b and all(c[k] == a[k] for k in c) and all(len(v) == 24 for v in a.values())
+print(f"sampled on the GPU: {len(a)} requests repeat with their seeds, alone and batched: {'ok' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+EOF
 [ "$fail" -eq 0 ] && echo "test-gpu: all passed" || echo "test-gpu: FAILED"
 exit "$fail"

@@ -35,6 +35,17 @@ struct BatchPlan {
     // probabilities): a backend may then return no logits from forward()
     // and give each row's argmax through greedy_ids() instead.
     bool greedy_only = false;
+    // One per logit row when the backend samples on its device (see
+    // Backend::samples_on_device()): how to draw the row's token, with the
+    // uniform number u in [0, 1) already drawn from the request's stream.
+    // Temperature <= 0 is greedy; top_k <= 0, top_p >= 1, min_p <= 0 filter
+    // nothing. forward() may then return no logits and give the drawn ids
+    // through greedy_ids().
+    struct SampleSpec {
+        float temperature = 0, top_p = 1, min_p = 0, u = 0;
+        int top_k = 0;
+    };
+    std::vector<SampleSpec> sample;
 
     void clear() {
         tokens.clear();
@@ -42,6 +53,7 @@ struct BatchPlan {
         seqs.clear();
         logit_rows.clear();
         greedy_only = false;
+        sample.clear();
     }
 };
 
@@ -68,6 +80,9 @@ public:
     // When forward() returned null (plan.greedy_only): the argmax of each
     // logit row, in plan.logit_rows order.
     virtual const int* greedy_ids() { return nullptr; }
+    // True when forward() draws the tokens itself for a plan with `sample`
+    // set (temperature, top-k, top-p, min-p; no penalties, no log-probabilities).
+    virtual bool samples_on_device() const { return false; }
     // A tensor-parallel rank whose peer failed: make this rank's pending
     // collectives return (Communicator::abort). Callable from any thread.
     virtual void abort_collectives() {}

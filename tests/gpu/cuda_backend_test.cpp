@@ -155,6 +155,73 @@ TEST(Kernels, SiluMulMatchesCpu) {
     cudaFree(d), cudaFree(out);
 }
 
+// Sampling on the GPU: many rows of the same logits with evenly spread
+// uniform numbers, so the picks' frequencies trace the filtered distribution
+// (computed here by a full sort) within the spacing; no pick outside it;
+// temperature 0 is the argmax.
+TEST(Kernels, SampleRowsFollowTheFilteredDistribution) {
+    const int V = 1000, R = 16384;
+    auto base = randn(size_t(V));
+    for (auto& x : base) x *= 2.5f;
+    struct F { float t; int k; float p, min_p; };
+    for (F f : {F{1.0f, 0, 1.0f, 0}, F{0.7f, 0, 0.9f, 0}, F{1.2f, 50, 1.0f, 0}, F{0.9f, 200, 0.8f, 0},
+                F{1.0f, 0, 1.0f, 0.05f}, F{0.8f, 30, 0.95f, 0.01f}, F{0.0f, 0, 1.0f, 0}}) {
+        std::vector<std::pair<double, int>> c;
+        const float mx = *std::max_element(base.begin(), base.end());
+        for (int i = 0; i < V; ++i) c.emplace_back(f.t > 0 ? std::exp(double(base[size_t(i)] - mx) / f.t) : 0.0, i);
+        std::sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        size_t n = f.k > 0 ? size_t(f.k) : c.size();
+        double tot = 0;
+        for (size_t i = 0; i < n; ++i) tot += c[i].first;
+        if (f.p < 1) {
+            double m = 0;
+            size_t keep = 0;
+            while (keep < n && (m += c[keep].first, ++keep, m < f.p * tot)) {
+            }
+            n = keep;
+        }
+        if (f.min_p > 0) {
+            size_t keep = 1;
+            while (keep < n && c[keep].first >= f.min_p * c[0].first) ++keep;
+            n = keep;
+        }
+        std::vector<double> want(size_t(V), 0.0);
+        tot = 0;
+        for (size_t i = 0; i < n; ++i) tot += c[i].first;
+        for (size_t i = 0; i < n; ++i) want[size_t(c[i].second)] = c[i].first / tot;
+        std::vector<float> all(size_t(V) * R);
+        std::vector<tmc::cuda::SampleRow> rows(static_cast<size_t>(R));
+        for (int r = 0; r < R; ++r) {
+            std::copy(base.begin(), base.end(), all.begin() + long(size_t(r) * V));
+            rows[size_t(r)] = tmc::cuda::SampleRow{f.t, f.p, f.min_p, (float(r) + 0.5f) / float(R), f.k};
+        }
+        float* dl = dev(all);
+        tmc::cuda::SampleRow* dr = nullptr;
+        CK(cudaMalloc(&dr, rows.size() * sizeof(rows[0])));
+        CK(cudaMemcpy(dr, rows.data(), rows.size() * sizeof(rows[0]), cudaMemcpyHostToDevice));
+        int* ids = poisoned<int>(size_t(R));
+        tmc::cuda::sample_rows(dl, R, V, dr, ids, 0);
+        CK(cudaGetLastError());
+        CK(cudaDeviceSynchronize());
+        auto got_ids = host(ids, size_t(R));
+        cudaFree(dl), cudaFree(dr), cudaFree(ids);
+        if (f.t <= 0) {
+            const int am = int(std::max_element(base.begin(), base.end()) - base.begin());
+            for (int id : got_ids) ASSERT_EQ(id, am);
+            continue;
+        }
+        std::vector<double> got(size_t(V), 0.0);
+        for (int id : got_ids) {
+            ASSERT_TRUE(id >= 0 && id < V);
+            ASSERT_GT(want[size_t(id)], 0.0) << "token " << id << " is filtered out (t " << f.t << " k " << f.k << " p " << f.p << ")";
+            got[size_t(id)] += 1.0 / R;
+        }
+        double tv = 0;
+        for (int i = 0; i < V; ++i) tv += std::abs(got[size_t(i)] - want[size_t(i)]) / 2;
+        EXPECT_LT(tv, 0.04) << "t " << f.t << " k " << f.k << " p " << f.p << " min_p " << f.min_p << " (" << n << " kept)";
+    }
+}
+
 // Rope + cache write + attention against a direct fp32 computation over
 // the same (bf16-rounded) K/V, ragged rows over several sequences.
 TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {

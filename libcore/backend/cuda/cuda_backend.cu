@@ -68,6 +68,7 @@ public:
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     const int* greedy_ids() override { return h_ids_; }
+    bool samples_on_device() const override { return device_sampling_ && out_rows_ == cfg_.vocab_size; }
     void abort_collectives() override {
         if (comm_) comm_->abort();
     }
@@ -93,6 +94,7 @@ private:
     bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
     bool mma_attention_ = false;   // TM_CUDA_MMA_ATTENTION=1: prefill tiles on tensor cores
     bool graph_buckets_ = false;   // TM_CUDA_GRAPH_BUCKETS=1: decode batches padded to graph_bucket() sizes
+    bool device_sampling_ = false; // TM_CUDA_SAMPLING=1: temperature/top-k/top-p/min-p drawn on the GPU
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -124,6 +126,8 @@ private:
     float* h_logits_ = nullptr;  // pinned
     DevBuf<int> ids_;
     int* h_ids_ = nullptr;  // pinned
+    DevBuf<cuda::SampleRow> spec_;
+    cuda::SampleRow* h_spec_ = nullptr;  // pinned
 };
 
 DevWeight CudaBackend::upload(const Workspace& ws, const std::string& name, int rows, int cols) {
@@ -166,6 +170,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     if (const char* g = std::getenv("TM_CUDA_SPLIT_ATTENTION")) split_attention_ = std::string(g) != "0";
     if (const char* g = std::getenv("TM_CUDA_MMA_ATTENTION")) mma_attention_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_CUDA_GRAPH_BUCKETS")) graph_buckets_ = std::string(g) == "1";
+    if (const char* g = std::getenv("TM_CUDA_SAMPLING")) device_sampling_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
@@ -221,6 +226,7 @@ CudaBackend::~CudaBackend() {
     if (h_meta_) cudaFreeHost(h_meta_);
     if (h_logits_) cudaFreeHost(h_logits_);
     if (h_ids_) cudaFreeHost(h_ids_);
+    if (h_spec_) cudaFreeHost(h_spec_);
     if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -261,6 +267,8 @@ void CudaBackend::init(const BackendLimits& limits) {
     check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(out_rows_) * 4), "cudaMallocHost");
     ids_.alloc(size_t(lim_.max_logit_rows));
     check(cudaMallocHost(&h_ids_, size_t(lim_.max_logit_rows) * 4), "cudaMallocHost");
+    spec_.alloc(size_t(lim_.max_logit_rows));
+    check(cudaMallocHost(&h_spec_, size_t(lim_.max_logit_rows) * sizeof(cuda::SampleRow)), "cudaMallocHost");
     // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
     meta_cap_ = 8 * T + size_t(lim_.max_logit_rows) + T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
@@ -384,6 +392,20 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaGraphLaunch(exec, stream_), "graph launch");
     } else {
         run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+    }
+    if (L > 0 && plan.sample.size() == size_t(L) && !plan.greedy_only && samples_on_device()) {
+        // Sampled rows: drawn here, only the token ids come back.
+        for (int i = 0; i < L; ++i) {
+            const auto& q = plan.sample[size_t(i)];
+            h_spec_[i] = cuda::SampleRow{q.temperature, q.top_p, q.min_p, q.u, q.top_k};
+        }
+        check(cudaMemcpyAsync(spec_.p, h_spec_, size_t(L) * sizeof(cuda::SampleRow), cudaMemcpyHostToDevice, stream_),
+              "sampling upload");
+        cuda::sample_rows(logits_.p, L, out_rows_, spec_.p, ids_.p, stream_);
+        launched("sample_rows");
+        check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
+        check(cudaStreamSynchronize(stream_), "forward");
+        return nullptr;
     }
     if (L > 0 && plan.greedy_only && out_rows_ == cfg_.vocab_size) {
         // Greedy rows: only the token ids come back.
