@@ -40,6 +40,15 @@ struct SampleRow {
 // overwritten with unnormalized probabilities).
 void sample_rows(float* logits, int R, int V, const SampleRow* rows, int* ids, cudaStream_t s);
 
+// Y[t, n] = beta * Y[t, n] + sum_k W[n, k] X[t, k] for t < R <= kMaxGemvRows
+// (decode steps; kernels/gemv.cu): W [N, K] and X (rows ldx apart) 16-bit,
+// Y fp32 (y_f32) or 16-bit, rows ldy apart. Returns false, launching
+// nothing, for shapes it does not take (K or ldx not a multiple of 8,
+// unaligned W or X): use cuBLAS then.
+constexpr int kMaxGemvRows = 8;
+bool gemv(Dt dt, const void* W, int N, int K, const void* X, int ldx, int R, void* Y, bool y_f32, int ldy, float beta,
+          cudaStream_t s);
+
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i] (16-bit in and out).
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s);
 

@@ -39,8 +39,8 @@ ok = abs(p - 28.4168) / 28.4168 <= 0.005
 print(f"perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
 sys.exit(0 if ok else 1)
 EOF
-echo "== prefill attention on tensor cores and bucketed decode graphs (TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1)"
-TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_filter='CudaBackend.MatchesCpu*' \
+echo "== prefill attention on tensor cores and bucketed decode graphs and the decode GEMV (TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_CUDA_GEMV=1)"
+TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_CUDA_GEMV=1 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_filter='CudaBackend.MatchesCpu*' \
     > "$OUTDIR/gpu-tests-mma.txt" 2>&1 && echo "forward pass: ok" || { echo "forward pass: FAIL"; tail -20 "$OUTDIR/gpu-tests-mma.txt"; fail=1; }
 TM_CUDA_MMA_ATTENTION=1 "$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" > "$OUTDIR/ppl-cuda-mma.json"
 python3 - "$OUTDIR/ppl-cuda-mma.json" <<'EOF2' || fail=1
@@ -80,7 +80,7 @@ for i, l in enumerate(open(sys.argv[1])):
         print(json.dumps({"id": i, "prompt": g["prompt"], "temperature": 0, "max_tokens": 16, "return_token_ids": True}))
 EOF
 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/in.jsonl" > "$OUTDIR/greedy-cuda.jsonl"
-TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/in.jsonl" > "$OUTDIR/greedy-cuda-new.jsonl"
+TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_CUDA_GEMV=1 "$BIN/tm-run" "$TMP/ws" --device cuda --jsonl < "$TMP/in.jsonl" > "$OUTDIR/greedy-cuda-new.jsonl"
 for f in greedy-cuda greedy-cuda-new; do
 python3 - "$SHARED/golden/tinytech/greedy-fp32.jsonl" "$OUTDIR/$f.jsonl" "$f" <<'EOF' || fail=1
 import json, sys

@@ -155,6 +155,53 @@ TEST(Kernels, SiluMulMatchesCpu) {
     cudaFree(d), cudaFree(out);
 }
 
+// The decode matrix-vector kernel against a double-precision product of the
+// same 16-bit inputs: 1 to 8 rows, odd row counts, long and short K, fp32
+// and 16-bit outputs, with and without accumulation into Y.
+TEST(Kernels, GemvMatchesCpu) {
+    struct Shape { int N, K; };
+    for (Shape sh : {Shape{1000, 4096}, Shape{37, 14336}, Shape{4099, 64}, Shape{8, 8}}) {
+        for (int R : {1, 2, 3, 5, 8}) {
+            for (int y32 = 0; y32 < 2; ++y32) {
+                for (float beta : {0.0f, 1.0f}) {
+                    auto w = to_bf16(randn(size_t(sh.N) * sh.K)), x = to_bf16(randn(size_t(R) * sh.K));
+                    auto y0 = randn(size_t(R) * sh.N);
+                    uint16_t *dw = dev(w), *dx = dev(x);
+                    void* dy = nullptr;
+                    std::vector<uint16_t> y0h(y0.size());
+                    for (size_t i = 0; i < y0.size(); ++i) y0h[i] = tmc::f32_to_bf16(y0[i]);
+                    if (y32) dy = dev(y0);
+                    else dy = dev(y0h);
+                    ASSERT_TRUE(tmc::cuda::gemv(tmc::cuda::Dt::BF16, dw, sh.N, sh.K, dx, sh.K, R, dy, y32, sh.N, beta, 0));
+                    CK(cudaGetLastError());
+                    CK(cudaDeviceSynchronize());
+                    std::vector<float> got32;
+                    std::vector<uint16_t> got16;
+                    if (y32) got32 = host(static_cast<float*>(dy), y0.size());
+                    else got16 = host(static_cast<uint16_t*>(dy), y0.size());
+                    for (int t = 0; t < R; ++t)
+                        for (int n = 0; n < sh.N; ++n) {
+                            double want = 0, mag = 0;
+                            for (int k = 0; k < sh.K; ++k) {
+                                const double p = double(tmc::bf16_to_f32(w[size_t(n) * sh.K + k])) *
+                                                 tmc::bf16_to_f32(x[size_t(t) * sh.K + k]);
+                                want += p, mag += std::abs(p);
+                            }
+                            const size_t i = size_t(t) * sh.N + n;
+                            const double old = y32 ? y0[i] : tmc::bf16_to_f32(y0h[i]);
+                            want += beta * old;
+                            mag += std::abs(beta * old);
+                            const double got = y32 ? double(got32[i]) : double(tmc::bf16_to_f32(got16[i]));
+                            ASSERT_NEAR(got, want, 1e-5 * mag + (y32 ? 1e-5 : 8e-3 * std::abs(want) + 1e-5))
+                                << "N " << sh.N << " K " << sh.K << " R " << R << " y32 " << y32 << " beta " << beta;
+                        }
+                    cudaFree(dw), cudaFree(dx), cudaFree(dy);
+                }
+            }
+        }
+    }
+}
+
 // Sampling on the GPU: many rows of the same logits with evenly spread
 // uniform numbers, so the picks' frequencies trace the filtered distribution
 // (computed here by a full sort) within the spacing; no pick outside it;

@@ -95,6 +95,7 @@ private:
     bool mma_attention_ = false;   // TM_CUDA_MMA_ATTENTION=1: prefill tiles on tensor cores
     bool graph_buckets_ = false;   // TM_CUDA_GRAPH_BUCKETS=1: decode batches padded to graph_bucket() sizes
     bool device_sampling_ = false; // TM_CUDA_SAMPLING=1: temperature/top-k/top-p/min-p drawn on the GPU
+    bool gemv_ = false;            // TM_CUDA_GEMV=1: projections of <= 8 rows by cuda::gemv, not cuBLAS
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -170,6 +171,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     if (const char* g = std::getenv("TM_CUDA_SPLIT_ATTENTION")) split_attention_ = std::string(g) != "0";
     if (const char* g = std::getenv("TM_CUDA_MMA_ATTENTION")) mma_attention_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_CUDA_GRAPH_BUCKETS")) graph_buckets_ = std::string(g) == "1";
+    if (const char* g = std::getenv("TM_CUDA_GEMV")) gemv_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_CUDA_SAMPLING")) device_sampling_ = std::string(g) == "1";
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -276,6 +278,12 @@ void CudaBackend::init(const BackendLimits& limits) {
 }
 
 void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta) {
+    // Decode rows: our matrix-vector kernel (streams W once at HBM speed).
+    if (gemv_ && T <= cuda::kMaxGemvRows &&
+        cuda::gemv(dt_, w.ptr, w.rows, w.cols, x, w.cols, T, y, ytype == CUDA_R_32F, ldy, beta, stream_)) {
+        launched("gemv");
+        return;
+    }
     const float alpha = 1.0f;
     // Row-major Y[T, N] = X[T, K] W[N, K]^T is column-major Y^T = W X^T.
     check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, T, w.cols, &alpha, w.ptr, cdt_, w.cols, x,
