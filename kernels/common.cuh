@@ -31,18 +31,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v) {
+// Sum (or maximum) over the block (blockDim.x a multiple of 32, at most
+// 1024); every thread gets it.
+template <bool Max>
+__device__ __forceinline__ float block_reduce(float v) {
     __shared__ float part[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = Max ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if (lane == 0) part[warp] = v;
     __syncthreads();
     const int nw = (blockDim.x + 31) >> 5;
-    v = lane < nw ? part[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < nw ? part[lane] : (Max ? -INFINITY : 0.0f);
+    return Max ? warp_max(v) : warp_sum(v);
 }
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // Dispatch on the 16-bit type.
 #define TM_DISPATCH_DT(dt, T, ...)                      \

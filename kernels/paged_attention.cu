@@ -161,6 +161,24 @@ __global__ void merge_splits_k(AttnArgs a, const int* rows, int nsplit) {
 // the chunk's scores and head_dim / 4 output channels. K/V are read from
 // global memory once per tile instead of once per row. fp32 on CUDA cores.
 
+// What a tile's thread needs: its query vector's row and visible range
+// (`my` < nqv: active), and the tile's block table and key range.
+struct TileView {
+    bool active;
+    int my_row, my_pos, my_lo, lo, hi;
+    const int* table;
+    __device__ TileView(const AttnArgs& a, const BatchDev& b, int2 tile, int my, int nqv, int group) {
+        active = my < nqv;
+        my_row = tile.x + (active ? my / group : 0);
+        my_pos = b.positions[my_row];
+        my_lo = a.window > 0 ? max(0, my_pos + 1 - a.window) : 0;
+        table = b.blocks + b.block_offset[b.row_seq[tile.x]];
+        const int first = b.positions[tile.x], last = b.positions[tile.x + tile.y - 1];
+        lo = a.window > 0 ? max(0, first + 1 - a.window) : 0;
+        hi = last + 1;
+    }
+};
+
 constexpr int kTileQ = 64;   // query vectors per block
 constexpr int kTileK = 64;   // keys per chunk
 constexpr int kTileThreads = 256;
@@ -186,14 +204,10 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs
         const int qv = i / HD, c = i % HD, r = qv / group, g = qv % group;
         qs[qv * QS + c] = a.q[size_t(tile.x + r) * a.ld + size_t(kh * group + g) * HD + c];
     }
-    const bool active = my < nqv;
-    const int my_row = tile.x + (active ? my / group : 0);
-    const int my_pos = b.positions[my_row];
-    const int my_lo = a.window > 0 ? max(0, my_pos + 1 - a.window) : 0;
-    const int seq = b.row_seq[tile.x];
-    const int* table = b.blocks + b.block_offset[seq];
-    const int first = b.positions[tile.x], last = b.positions[tile.x + tile.y - 1];
-    const int lo = a.window > 0 ? max(0, first + 1 - a.window) : 0, hi = last + 1;
+    const TileView tv(a, b, tile, my, nqv, group);
+    const bool active = tv.active;
+    const int my_row = tv.my_row, my_pos = tv.my_pos, my_lo = tv.my_lo, lo = tv.lo, hi = tv.hi;
+    const int* table = tv.table;
     const T* cache = static_cast<const T*>(kv.base);
     float m = -FLT_MAX, l = 0;
     float acc[CPT];
@@ -329,14 +343,10 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_mma_k(AttnArgs a
         Qs[qv * QL + c] = from_f<T>(v);
         Os[qv * OL + c] = 0;
     }
-    const bool active = my < nqv;
-    const int my_row = tile.x + (active ? my / group : 0);
-    const int my_pos = b.positions[my_row];
-    const int my_lo = a.window > 0 ? max(0, my_pos + 1 - a.window) : 0;
-    const int seq = b.row_seq[tile.x];
-    const int* table = b.blocks + b.block_offset[seq];
-    const int first = b.positions[tile.x], last = b.positions[tile.x + tile.y - 1];
-    const int lo = a.window > 0 ? max(0, first + 1 - a.window) : 0, hi = last + 1;
+    const TileView tv(a, b, tile, my, nqv, group);
+    const bool active = tv.active;
+    const int my_row = tv.my_row, my_pos = tv.my_pos, my_lo = tv.my_lo, lo = tv.lo, hi = tv.hi;
+    const int* table = tv.table;
     const T* cache = static_cast<const T*>(kv.base);
     float m = -FLT_MAX, l = 0;
     for (int c0 = lo; c0 < hi; c0 += kTileK) {

@@ -34,17 +34,6 @@ __device__ __forceinline__ int block_sum_int(int v) {
     return v;
 }
 
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float part[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    v = lane < (kThreads >> 5) ? part[lane] : -INFINITY;
-    return warp_max(v);
-}
-
 // Mass (or count) of this thread's tokens with p >= t.
 __device__ __forceinline__ float mass_from(const float* p, int V, float t) {
     float s = 0;

@@ -31,25 +31,23 @@ fi
 
 echo "== tinytech end to end on the GPU"
 "$BIN/tm-convert" "$SHARED/models/tinytech-25m" -o "$TMP/ws" > /dev/null
-"$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" | tee "$OUTDIR/ppl-cuda.json"
-python3 - "$OUTDIR/ppl-cuda.json" <<'EOF' || fail=1
+# check_ppl FILE LABEL: the perplexity in FILE within 0.5% of the reference bf16 figure.
+check_ppl() {
+    python3 - "$1" "$2" <<'EOF' || fail=1
 import json, sys
 p = json.load(open(sys.argv[1]))["perplexity"]
 ok = abs(p - 28.4168) / 28.4168 <= 0.005
-print(f"perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
+print(f"{sys.argv[2]}: perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
 sys.exit(0 if ok else 1)
 EOF
+}
+"$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" | tee "$OUTDIR/ppl-cuda.json"
+check_ppl "$OUTDIR/ppl-cuda.json" "CUDA cores"
 echo "== prefill attention on tensor cores and bucketed decode graphs and the decode GEMV (TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_CUDA_GEMV=1)"
 TM_CUDA_MMA_ATTENTION=1 TM_CUDA_GRAPH_BUCKETS=1 TM_CUDA_GEMV=1 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_filter='CudaBackend.MatchesCpu*' \
     > "$OUTDIR/gpu-tests-mma.txt" 2>&1 && echo "forward pass: ok" || { echo "forward pass: FAIL"; tail -20 "$OUTDIR/gpu-tests-mma.txt"; fail=1; }
 TM_CUDA_MMA_ATTENTION=1 "$BIN/tm-run" "$TMP/ws" --device cuda --ppl "$SHARED/text/eval.txt" > "$OUTDIR/ppl-cuda-mma.json"
-python3 - "$OUTDIR/ppl-cuda-mma.json" <<'EOF2' || fail=1
-import json, sys
-p = json.load(open(sys.argv[1]))["perplexity"]
-ok = abs(p - 28.4168) / 28.4168 <= 0.005
-print(f"tensor cores: perplexity {p:.4f} vs reference bf16 28.4168: {'ok' if ok else 'FAIL'} ({(p / 28.4168 - 1) * 100:+.3f}%)")
-sys.exit(0 if ok else 1)
-EOF2
+check_ppl "$OUTDIR/ppl-cuda-mma.json" "tensor cores"
 echo "== quantized KV cache on the GPU (tinytech perplexity)"
 # Static scales come from CALIB_STATS (tm-calib of tinytech on calib.txt) when given.
 for mode in int8-online int4-online int8-static int4-static; do

@@ -14,6 +14,7 @@
 #include "base/mapped_file.hpp"
 #include "engine/block_manager.hpp"
 #include "engine/sampler.hpp"
+#include "sampling_reference.hpp"
 #include "test_util.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
@@ -172,30 +173,9 @@ TEST(Sampler, DrawsFollowTheFilteredDistribution) {
     struct F { float t; int k; float p, min_p; };
     for (F f : {F{1.0f, 0, 1.0f, 0}, F{0.7f, 0, 0.9f, 0}, F{1.2f, 50, 1.0f, 0}, F{0.9f, 200, 0.8f, 0},
                 F{1.0f, 0, 1.0f, 0.05f}, F{0.8f, 0, 0.95f, 0.01f}}) {
-        // The distribution the filters define.
-        std::vector<std::pair<double, int>> c;
-        const float mx = *std::max_element(base.begin(), base.end());
-        for (int i = 0; i < V; ++i) c.emplace_back(std::exp(double(base[size_t(i)] - mx) / f.t), i);
-        std::sort(c.begin(), c.end(), [](auto& a, auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
-        size_t n = f.k > 0 ? size_t(f.k) : c.size();
-        double tot = 0;
-        for (size_t i = 0; i < n; ++i) tot += c[i].first;
-        if (f.p < 1) {
-            double m = 0;
-            size_t keep = 0;
-            while (keep < n && (m += c[keep].first, ++keep, m < f.p * tot)) {
-            }
-            n = keep;
-        }
-        if (f.min_p > 0) {
-            size_t keep = 1;
-            while (keep < n && c[keep].first >= f.min_p * c[0].first) ++keep;
-            n = keep;
-        }
-        std::vector<double> want(V, 0.0);
-        tot = 0;
-        for (size_t i = 0; i < n; ++i) tot += c[i].first;
-        for (size_t i = 0; i < n; ++i) want[size_t(c[i].second)] = c[i].first / tot;
+        const auto want = tmtest::filtered_distribution(base, f.t, f.k, f.p, f.min_p);
+        size_t n = 0;
+        for (double w : want) n += w > 0;
         tmc::Sampler s(V);
         tmc::SamplingParams p;
         p.temperature = f.t, p.top_k = f.k, p.top_p = f.p, p.min_p = f.min_p;
