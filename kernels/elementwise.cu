@@ -41,7 +41,7 @@ __global__ void silu_mul_k(const T* gu, int I, T* out) {
 
 // One block per row: each thread scans a strided share, then the block
 // reduces; the first of equal maxima wins (as torch.argmax and the CPU).
-__global__ void argmax_rows_k(const float* x, int V, int* out) {
+__global__ void argmax_rows_k(const float* x, int V, int* out, float* vals) {
     __shared__ float bv[32];
     __shared__ int bi[32];
     const float* r = x + size_t(blockIdx.x) * V;
@@ -68,15 +68,18 @@ __global__ void argmax_rows_k(const float* x, int V, int* out) {
             const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
             if (ov > best || (ov == best && oi < idx)) best = ov, idx = oi;
         }
-        if (lane == 0) out[blockIdx.x] = idx < V ? idx : 0;
+        if (lane == 0) {
+            out[blockIdx.x] = idx < V ? idx : 0;
+            if (vals) vals[blockIdx.x] = idx < V ? best : -INFINITY;
+        }
     }
 }
 
 }  // namespace
 
-void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s) {
+void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s, float* vals) {
     if (R == 0) return;
-    argmax_rows_k<<<R, 1024, 0, s>>>(x, V, out);
+    argmax_rows_k<<<R, 1024, 0, s>>>(x, V, out, vals);
 }
 
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s) {

@@ -26,8 +26,9 @@ void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x
 void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
              cudaStream_t s);
 
-// out[r] = the index of the largest of x[r, 0..V) (the first of equal maxima).
-void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s);
+// out[r] = the index of the largest of x[r, 0..V) (the first of equal
+// maxima), and vals[r] that largest value when vals is not null.
+void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s, float* vals = nullptr);
 
 // How to draw row r's token (kernels/sampling.cu): temperature <= 0 or
 // top_k == 1 is greedy; top_k <= 0, top_p >= 1, min_p <= 0 filter nothing;

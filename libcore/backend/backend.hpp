@@ -80,6 +80,10 @@ public:
     // When forward() returned null (plan.greedy_only): the argmax of each
     // logit row, in plan.logit_rows order.
     virtual const int* greedy_ids() { return nullptr; }
+    // With greedy_ids(), each row's largest logit: the ranks of a tensor-
+    // parallel group that each hold a slice of the vocabulary combine by it
+    // (their ids are then indices into their slice).
+    virtual const float* greedy_values() { return nullptr; }
     // True when forward() draws the tokens itself for a plan with `sample`
     // set (temperature, top-k, top-p, min-p; no penalties, no log-probabilities).
     virtual bool samples_on_device() const { return false; }

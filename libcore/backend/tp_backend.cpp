@@ -74,7 +74,24 @@ public:
     float* forward(const BatchPlan& plan) override {
         run_all([&](int r) { outs_[size_t(r)] = ranks_[size_t(r)]->forward(plan); });
         last0_ = outs_[0];
-        if (!outs_[0]) return nullptr;  // greedy ids (only when every rank has the whole vocabulary)
+        if (!outs_[0]) {
+            // Greedy ids. Ranks holding vocabulary slices each found their
+            // slice's best: the row's token is the best of those (the lowest
+            // rank on ties, i.e. the lowest id, as one rank would pick).
+            if (!vocab_split_) return nullptr;
+            const size_t L = plan.logit_rows.size(), Vr = size_t(cfg_.vocab_size) / ranks_.size();
+            ids_.resize(L);
+            for (size_t i = 0; i < L; ++i) {
+                size_t best = 0;
+                float bv = ranks_[0]->greedy_values()[i];
+                for (size_t r = 1; r < ranks_.size(); ++r) {
+                    const float v = ranks_[r]->greedy_values()[i];
+                    if (v > bv) bv = v, best = r;
+                }
+                ids_[i] = int(best * Vr) + ranks_[best]->greedy_ids()[i];
+            }
+            return nullptr;
+        }
         if (!vocab_split_) return outs_[0];
         // Rank r holds columns [r V/tp, (r+1) V/tp) of every logit row.
         const size_t L = plan.logit_rows.size(), V = size_t(cfg_.vocab_size), n = ranks_.size(), Vr = V / n;
@@ -84,7 +101,7 @@ public:
         return logits_.data();
     }
 
-    const int* greedy_ids() override { return ranks_[0]->greedy_ids(); }
+    const int* greedy_ids() override { return vocab_split_ ? ids_.data() : ranks_[0]->greedy_ids(); }
 
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override {
         const size_t V = size_t(cfg_.vocab_size);
@@ -154,6 +171,7 @@ private:
     bool stop_ = false;
     std::exception_ptr error_;
     std::vector<float> logits_;
+    std::vector<int> ids_;  // greedy ids gathered from vocabulary slices
     float* last0_ = nullptr;
 };
 

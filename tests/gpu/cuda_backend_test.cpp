@@ -558,6 +558,11 @@ TEST(CudaBackend, TensorParallelMatchesOneRank) {
             EXPECT_LT(err, 0.05f * scale + 0.05f) << m << " step " << step;
             EXPECT_EQ(std::max_element(want.begin(), want.end()) - want.begin(), std::max_element(b, b + V) - b)
                 << m << " step " << step;
+            // The same step greedy (K/V written again, the same values): the
+            // ids come from the ranks' vocabulary slices.
+            p.greedy_only = true;
+            ASSERT_EQ(two->forward(p), nullptr) << m;
+            EXPECT_EQ(two->greedy_ids()[0], std::max_element(b, b + V) - b) << m << " step " << step << " (greedy)";
         }
         std::string cmd = "rm -rf " + dir;
         (void)!system(cmd.c_str());

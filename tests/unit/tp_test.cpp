@@ -186,3 +186,51 @@ TEST(TensorParallel, AFailingRankEndsTheGroupInsteadOfHanging) {
 }
 
 }  // namespace
+
+namespace {
+
+// A rank that answers greedy rows with the best of its vocabulary slice.
+struct SliceRank final : tmc::Backend {
+    tmc::ModelConfig cfg;
+    std::vector<int> ids;
+    std::vector<float> vals;
+    std::string name() const override { return "slice"; }
+    const tmc::ModelConfig& config() const override { return cfg; }
+    size_t kv_bytes_per_token() const override { return 0; }
+    void init(const tmc::BackendLimits&) override {}
+    float* forward(const tmc::BatchPlan&) override { return nullptr; }
+    const int* greedy_ids() override { return ids.data(); }
+    const float* greedy_values() override { return vals.data(); }
+    void token_logprobs(const int*, const int*, int, float*) override {}
+    size_t default_kv_bytes(double, int) const override { return 0; }
+};
+
+// Greedy rows over an lm_head split by vocabulary: the token is the best of
+// the ranks' bests, the lowest id on ties.
+TEST(TensorParallel, GreedyIdsGatheredFromVocabularySlices) {
+    tmc::ModelConfig c;
+    c.hidden_size = 8, c.num_layers = 1, c.num_heads = 2, c.num_kv_heads = 2, c.head_dim = 4;
+    c.intermediate_size = 4, c.vocab_size = 10, c.tie_word_embeddings = false;
+    auto be = tmc::make_tp_backend(c, 2, [&](int r) {
+        auto s = std::make_unique<SliceRank>();
+        s->cfg = c;
+        s->ids = r == 0 ? std::vector<int>{3, 0, 4} : std::vector<int>{1, 2, 0};
+        s->vals = r == 0 ? std::vector<float>{1.0f, 5.0f, 2.0f} : std::vector<float>{2.0f, 5.0f, 1.0f};
+        return s;
+    }, nullptr);
+    tmc::BackendLimits lim;
+    lim.max_logit_rows = 4;
+    be->init(lim);
+    tmc::BatchPlan p;
+    p.tokens = {1, 2, 3};
+    p.positions = {0, 0, 0};
+    p.logit_rows = {0, 1, 2};
+    p.greedy_only = true;
+    EXPECT_EQ(be->forward(p), nullptr);
+    const int* ids = be->greedy_ids();
+    EXPECT_EQ(ids[0], 6);  // rank 1's slice starts at 5
+    EXPECT_EQ(ids[1], 0);  // a tie: rank 0
+    EXPECT_EQ(ids[2], 4);
+}
+
+}  // namespace

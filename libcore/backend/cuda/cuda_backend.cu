@@ -68,6 +68,7 @@ public:
     float* forward(const BatchPlan& plan) override;
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     const int* greedy_ids() override { return h_ids_; }
+    const float* greedy_values() override { return h_vals_; }
     bool samples_on_device() const override { return device_sampling_ && out_rows_ == cfg_.vocab_size; }
     void abort_collectives() override {
         if (comm_) comm_->abort();
@@ -127,6 +128,8 @@ private:
     float* h_logits_ = nullptr;  // pinned
     DevBuf<int> ids_;
     int* h_ids_ = nullptr;  // pinned
+    DevBuf<float> vals_;
+    float* h_vals_ = nullptr;  // pinned
     DevBuf<cuda::SampleRow> spec_;
     cuda::SampleRow* h_spec_ = nullptr;  // pinned
 };
@@ -229,6 +232,7 @@ CudaBackend::~CudaBackend() {
     if (h_logits_) cudaFreeHost(h_logits_);
     if (h_ids_) cudaFreeHost(h_ids_);
     if (h_spec_) cudaFreeHost(h_spec_);
+    if (h_vals_) cudaFreeHost(h_vals_);
     if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -269,6 +273,8 @@ void CudaBackend::init(const BackendLimits& limits) {
     check(cudaMallocHost(&h_logits_, size_t(lim_.max_logit_rows) * size_t(out_rows_) * 4), "cudaMallocHost");
     ids_.alloc(size_t(lim_.max_logit_rows));
     check(cudaMallocHost(&h_ids_, size_t(lim_.max_logit_rows) * 4), "cudaMallocHost");
+    vals_.alloc(size_t(lim_.max_logit_rows));
+    check(cudaMallocHost(&h_vals_, size_t(lim_.max_logit_rows) * 4), "cudaMallocHost");
     spec_.alloc(size_t(lim_.max_logit_rows));
     check(cudaMallocHost(&h_spec_, size_t(lim_.max_logit_rows) * sizeof(cuda::SampleRow)), "cudaMallocHost");
     // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
@@ -415,11 +421,15 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaStreamSynchronize(stream_), "forward");
         return nullptr;
     }
-    if (L > 0 && plan.greedy_only && out_rows_ == cfg_.vocab_size) {
-        // Greedy rows: only the token ids come back.
-        cuda::argmax_rows(logits_.p, L, out_rows_, ids_.p, stream_);
+    if (L > 0 && plan.greedy_only) {
+        // Greedy rows: only the token ids come back (and, on a rank holding
+        // a slice of the vocabulary, each row's largest logit).
+        const bool slice = out_rows_ != cfg_.vocab_size;
+        cuda::argmax_rows(logits_.p, L, out_rows_, ids_.p, stream_, slice ? vals_.p : nullptr);
         launched("argmax");
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
+        if (slice)
+            check(cudaMemcpyAsync(h_vals_, vals_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "values download");
         check(cudaStreamSynchronize(stream_), "forward");
         return nullptr;
     }
