@@ -205,3 +205,28 @@ assert o[3]["text"] == o[4]["text"]
     run tm-run "$WS" --quant-policy 3 --ppl "$T/eval.txt"
     assert_failure 2
 }
+
+@test "sampled tokens do not depend on the number of sampling threads; TM_STEP_LOG writes one line per step" {
+    python3 - > "$T/in.jsonl" <<'PY'
+import json
+for i in range(20):
+    print(json.dumps({"id": i, "prompt": f"Story {i}:", "max_tokens": 10, "temperature": 0.9, "top_p": 0.9,
+                      "top_k": 50 if i % 2 else 0, "min_p": 0.02 if i % 3 == 0 else 0, "seed": i}))
+PY
+    TM_SAMPLE_THREADS=1 tm-run "$WS" --jsonl < "$T/in.jsonl" | sort > "$T/one.jsonl"
+    TM_SAMPLE_THREADS=4 TM_STEP_LOG="$T/steps.jsonl" tm-run "$WS" --jsonl < "$T/in.jsonl" | sort > "$T/four.jsonl"
+    run cmp "$T/one.jsonl" "$T/four.jsonl"
+    assert_success
+    run python3 "$ROOT/scripts/step-report.py" "$T/steps.jsonl"
+    assert_success
+    assert_output --partial "steps,"
+    assert_output --partial "decode"
+    # Every line is JSON with the documented fields.
+    run python3 -c "
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+assert rows and all({'rows', 'seqs', 'forward_us', 'after_us'} <= set(r) for r in rows)
+assert sum(1 for r in rows if r['decode_seqs'] >= 8) > 0   # steps that sampled in parallel
+" "$T/steps.jsonl"
+    assert_success
+}
