@@ -72,11 +72,11 @@ int Sampler::sample(float* logits, const SamplingParams& p, std::span<const int>
         return cpu::cpu_kernels().argmax(logits, vocab_);
     }
     const float inv_t = 1.0f / p.temperature;
-    const float mx = *std::max_element(logits, logits + vocab_);
+    const auto& k = cpu::cpu_kernels();
+    const float mx = logits[k.argmax(logits, vocab_)];
     // Unnormalized probabilities exp((l - max) / t) in (0, 1], in place (vectorized).
-    for (int i = 0; i < vocab_; ++i) logits[i] *= inv_t;
     const float* pr = logits;
-    cpu::cpu_kernels().exp_sum(logits, vocab_, mx * inv_t);
+    const double all = k.exp_sum_scaled(logits, vocab_, mx, inv_t);
     const bool filtered = (p.top_k > 0 && p.top_k < vocab_) || p.top_p < 1.0f || p.min_p > 0.0f;
     if (!filtered) {
         // Every token, in vocabulary order: the block of 1024 tokens where
@@ -112,63 +112,61 @@ int Sampler::sample(float* logits, const SamplingParams& p, std::span<const int>
     // The filters keep a prefix of the tokens ordered by probability (then
     // id). Only the tokens that can be in it are sorted: a histogram of the
     // probabilities' binary exponents finds the lowest exponent the prefix
-    // can reach (the k most probable, or the mass top_p needs, or min_p of
-    // the most probable, whichever filter comes first). Four interleaved
-    // histograms keep consecutive tokens from waiting on one counter.
-    float hmass[4][256] = {};
-    int hcount[4][256] = {};
-    for (int i = 0; i < vocab_; ++i) {
-        const float e = pr[i];
+    // can reach (the k most probable; or the mass top_p needs, the mass below
+    // each exponent counted at the top of its range so what is above is never
+    // overestimated; or min_p of the most probable), whichever filter comes
+    // first. Four interleaved counters keep consecutive tokens from waiting
+    // on one another.
+    // Biased exponents: 127 for 1.0, 0 for 0 (p is in [0, 1]).
+    auto expo = [&](int i) {
         uint32_t bits;
-        std::memcpy(&bits, &e, 4);
-        const int b = e > 0 ? int(bits >> 23) : 0;  // biased exponent: 127 for 1.0, lower for smaller
-        hmass[i & 3][b] += e > 0 ? e : 0.0f;
-        ++hcount[i & 3][b];
+        std::memcpy(&bits, pr + i, 4);
+        return bits >> 23;
+    };
+    uint32_t hcount[4][256] = {};
+    int i4 = 0;
+    for (; i4 + 4 <= vocab_; i4 += 4) {
+        ++hcount[0][expo(i4)];
+        ++hcount[1][expo(i4 + 1)];
+        ++hcount[2][expo(i4 + 2)];
+        ++hcount[3][expo(i4 + 3)];
     }
-    double mass[256];
-    int count[256];
-    double all = 0;
-    for (int b = 0; b < 256; ++b) {
-        mass[b] = double(hmass[0][b]) + hmass[1][b] + hmass[2][b] + hmass[3][b];
-        count[b] = hcount[0][b] + hcount[1][b] + hcount[2][b] + hcount[3][b];
-        all += mass[b];
-    }
-    count[0] = 0;  // zeros (underflow) are never candidates
-    int floor_b = 0;
-    {
-        double cum = 0;
+    for (; i4 < vocab_; ++i4) ++hcount[0][expo(i4)];
+    long count[256];
+    for (int b = 0; b < 256; ++b) count[b] = long(hcount[0][b]) + hcount[1][b] + hcount[2][b] + hcount[3][b];
+    count[0] = 0;  // zeros and denormals are never candidates
+    int floor_b = 1;
+    if (p.top_k > 0 && p.top_k < vocab_) {
         long cnt = 0;
-        const double need = double(p.top_p) * all;
-        for (int b = 255; b >= 0; --b) {
-            cum += mass[b];
-            cnt += count[b];
-            if (p.top_k > 0 && p.top_k < vocab_) {
-                if (cnt >= p.top_k) { floor_b = b; break; }
-            } else if (p.top_p < 1.0f) {
-                if (cum >= need) { floor_b = b; break; }
-            } else {
-                // min_p alone: probabilities >= min_p (the most probable is 1).
-                float f = p.min_p;
-                uint32_t fb;
-                std::memcpy(&fb, &f, 4);
-                floor_b = std::max(0, int(fb >> 23) - 1);
+        for (int b = 255; b >= 1; --b)
+            if ((cnt += count[b]) >= p.top_k) {
+                floor_b = b;
                 break;
             }
+    } else if (p.top_p < 1.0f) {
+        // The highest b with all - (most the tokens below b can hold) >= need.
+        const double need = double(p.top_p) * all;
+        double below = 0;
+        for (int b = 1; b <= 255; ++b) {
+            if (all - below < need) break;
+            floor_b = b;
+            below += double(count[b]) * std::ldexp(1.0, b - 126);
         }
+    } else {
+        // min_p alone: probabilities >= min_p (the most probable is 1).
+        float f = p.min_p;
+        uint32_t fb;
+        std::memcpy(&fb, &f, 4);
+        floor_b = std::max(1, int(fb >> 23) - 1);
     }
     auto collect = [&](int lowest) {
         cand_.clear();
-        for (int i = 0; i < vocab_; ++i) {
-            const float e = pr[i];
-            uint32_t bits;
-            std::memcpy(&bits, &e, 4);
-            if (e > 0 && int(bits >> 23) >= lowest) cand_.emplace_back(e, i);
-        }
+        for (int i = 0; i < vocab_; ++i)
+            if (int(expo(i)) >= lowest) cand_.emplace_back(pr[i], i);
     };
     collect(floor_b);
     if (!(p.top_k > 0 && p.top_k < vocab_) && p.top_p < 1.0f && floor_b > 0) {
-        // The bucket masses are float sums: make sure the candidates do hold
-        // the mass top_p needs, else take every token.
+        // Rounding aside the candidates hold the mass top_p needs; make sure.
         double m = 0;
         for (auto& c : cand_) m += c.first;
         if (m < double(p.top_p) * all) collect(1);

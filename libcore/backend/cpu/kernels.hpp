@@ -83,6 +83,8 @@ struct Kernels {
     void (*attention_q)(const AttnQArgs& a);
     // x[i] = exp(x[i] - m) in place; returns the sum.
     float (*exp_sum)(float* x, int n, float m);
+    // x[i] = exp((x[i] - m) * t) in place; returns the sum.
+    float (*exp_sum_scaled)(float* x, int n, float m, float t);
 };
 
 // Row-major 16-bit W [N, K] into panels of 16 rows: out[(n / 16) * 16 * K +
