@@ -25,7 +25,7 @@ TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_output=json:"$OUTDIR/gpu-te
 SAN=${COMPUTE_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}
 if [ -x "$SAN" ]; then
     echo "== compute-sanitizer memcheck (kernel tests)"
-    TM_SHARED="$SHARED" "$SAN" --tool memcheck --error-exitcode 9 "$GPU_TESTS" --gtest_filter='Kernels.*' \
+    TM_GPU_TESTS_QUICK=1 TM_SHARED="$SHARED" timeout 400 "$SAN" --tool memcheck --error-exitcode 9 "$GPU_TESTS" --gtest_filter='Kernels.*' \
         > "$OUTDIR/memcheck.log" 2>&1 && echo "memcheck: clean" || { echo "memcheck: errors (see memcheck.log)"; tail -30 "$OUTDIR/memcheck.log"; fail=1; }
 fi
 

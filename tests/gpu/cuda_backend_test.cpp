@@ -161,8 +161,10 @@ TEST(Kernels, SiluMulMatchesCpu) {
 // and 16-bit outputs, with and without accumulation into Y.
 TEST(Kernels, GemvMatchesCpu) {
     struct Shape { int N, K; };
+    const bool quick = std::getenv("TM_GPU_TESTS_QUICK") != nullptr;
     for (Shape sh : {Shape{1000, 4096}, Shape{37, 14336}, Shape{4099, 64}, Shape{8, 8}}) {
         for (int R : {1, 2, 3, 5, 8}) {
+            if (quick && R != 3 && R != 8) continue;
             for (int y32 = 0; y32 < 2; ++y32) {
                 for (float beta : {0.0f, 1.0f}) {
                     auto w = to_bf16(randn(size_t(sh.N) * sh.K)), x = to_bf16(randn(size_t(R) * sh.K));
@@ -208,7 +210,9 @@ TEST(Kernels, GemvMatchesCpu) {
 // (computed here by a full sort) within the spacing; no pick outside it;
 // temperature 0 is the argmax.
 TEST(Kernels, SampleRowsFollowTheFilteredDistribution) {
-    const int V = 1000, R = 16384;
+    // TM_GPU_TESTS_QUICK (under compute-sanitizer): fewer rows, no frequency check.
+    const bool quick = std::getenv("TM_GPU_TESTS_QUICK") != nullptr;
+    const int V = 1000, R = quick ? 512 : 16384;
     auto base = randn(size_t(V));
     for (auto& x : base) x *= 2.5f;
     struct F { float t; int k; float p, min_p; };
@@ -246,7 +250,7 @@ TEST(Kernels, SampleRowsFollowTheFilteredDistribution) {
         }
         double tv = 0;
         for (int i = 0; i < V; ++i) tv += std::abs(got[size_t(i)] - want[size_t(i)]) / 2;
-        EXPECT_LT(tv, 0.04) << "t " << f.t << " k " << f.k << " p " << f.p << " min_p " << f.min_p << " (" << n << " kept)";
+        if (!quick) EXPECT_LT(tv, 0.04) << "t " << f.t << " k " << f.k << " p " << f.p << " min_p " << f.min_p << " (" << n << " kept)";
     }
 }
 
