@@ -16,7 +16,7 @@
 namespace {
 const char* kProg = "tm-qparams";
 const char* kUsage =
-    "usage: tm-qparams WS --kv int8|int4 [--sym|--asym] [--stats STATS]   (statistics on stdin without --stats)\n"
+    "usage: tm-qparams WS --kv int8|int4 [--sym|--asym] [--full-range] [--stats STATS]   (statistics on stdin without --stats)\n"
     "       tm-qparams WS --kv int8|int4|none --online\n";
 
 std::string read_all(std::FILE* f, const std::string& what) {
@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
         ("stats", "statistics file from tm-calib (default: standard input)", cxxopts::value<std::string>())
         ("sym", "symmetric scales (absmax; offset fixed at -2^(bits-1) scales)")
         ("asym", "asymmetric scales (min and max; the default)")
+        ("full-range", "each head's whole min/max (absmax) range, no clipping of outlier channels")
         ("online", "no statistics: scales computed per token and head as the cache is written")
         ("h,help", "show this help");
     options.parse_positional({"ws"});
@@ -63,6 +64,8 @@ int main(int argc, char** argv) {
         if (args.count("sym") && args.count("asym")) throw tmc::tool::UsageError("--sym and --asym exclude each other");
         opt.symmetric = args.count("sym") > 0;
         if (online && args.count("stats")) throw tmc::tool::UsageError("--online takes no statistics");
+        opt.clip_mse = args.count("full-range") == 0;
+        if (online && args.count("full-range")) throw tmc::tool::UsageError("--online takes no --full-range");
         if (online && (args.count("sym") || args.count("asym")))
             throw tmc::tool::UsageError("--online scales are asymmetric per token and head; --sym/--asym need statistics");
         if (!online && !args.count("stats") && isatty(0))

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <sstream>
@@ -57,6 +58,62 @@ void check_stats_for(const Workspace& ws, const CalibStats& s) {
             }
 }
 
+namespace {
+
+// Expected squared error of quantizing a channel whose values are taken as
+// uniform on [m, M] to the grid lo + k * step, k = 0 .. levels - 1 (values
+// outside the grid clamp to its ends), per unit of value range.
+double channel_mse(double m, double M, double lo, double step, double levels) {
+    const double w = M - m;
+    if (!(w > 0)) return 0;
+    const double hi = lo + step * (levels - 1);
+    const double inside = std::max(0.0, std::min(M, hi) - std::max(m, lo));
+    double e = inside * step * step / 12;
+    auto cube = [](double x) { return x * x * x; };
+    if (m < lo) e += (cube(lo - m) - cube(lo - std::min(M, lo))) / 3;  // values below clamp to lo
+    if (M > hi) e += (cube(M - hi) - cube(std::max(m, hi) - hi)) / 3;  // above, to hi
+    return e / w;
+}
+
+// Narrows a head's range to the one with the least expected squared error
+// over its channels (each uniform on its own [min, max]): outlier channels
+// are clipped when that serves the others more than it costs them. The
+// candidates move each end up to 80% of the way to the middle (asymmetric),
+// or the absolute maximum down to 20% (symmetric).
+void clip_range(const float* mn, const float* mx, int channels, float qmax, float half, bool symmetric, float& lo,
+                float& hi, float& absmax) {
+    auto total = [&](double grid_lo, double step) {
+        double e = 0;
+        for (int c = 0; c < channels; ++c) e += channel_mse(mn[c], mx[c], grid_lo, step, double(qmax) + 1);
+        return e;
+    };
+    if (symmetric) {
+        if (!(absmax > 0)) return;
+        double best = INFINITY;
+        float keep = absmax;
+        for (int t = 0; t <= 16; ++t) {
+            const double a = double(absmax) * (1.0 - t / 20.0), step = a / (double(half) - 1);
+            const double e = total(-double(half) * step, step);
+            if (e < best) best = e, keep = float(a);
+        }
+        absmax = keep;
+        return;
+    }
+    if (!(hi > lo)) return;
+    const double mid = 0.5 * (double(lo) + hi);
+    double best = INFINITY;
+    float blo = lo, bhi = hi;
+    for (int t1 = 0; t1 <= 16; ++t1)
+        for (int t2 = 0; t2 <= 16; ++t2) {
+            const double a = lo + (mid - lo) * t1 / 20.0, b = hi - (hi - mid) * t2 / 20.0;
+            const double e = total(a, (b - a) / qmax);
+            if (e < best) best = e, blo = float(a), bhi = float(b);
+        }
+    lo = blo, hi = bhi;
+}
+
+}  // namespace
+
 std::vector<float> kv_qparams_from_stats(const CalibStats& s, const KvQuantOptions& opt) {
     if (opt.bits != 8 && opt.bits != 4) throw Error("KV quantization has 8 or 4 bits");
     const int L = s.layers, nkv = s.kv_heads, hd = s.head_dim;
@@ -75,12 +132,14 @@ std::vector<float> kv_qparams_from_stats(const CalibStats& s, const KvQuantOptio
                     const size_t i = size_t(h) * hd + c;
                     lo = std::min(lo, mn->data[i]), hi = std::max(hi, mx->data[i]), a = std::max(a, am->data[i]);
                 }
+                if (!(hi >= lo)) lo = hi = 0, a = 0;  // no tokens seen
+                if (opt.clip_mse) clip_range(mn->data.data() + size_t(h) * hd, mx->data.data() + size_t(h) * hd, hd,
+                                             qmax, half, opt.symmetric, lo, hi, a);
                 float scale, offset;
                 if (opt.symmetric) {
                     scale = a > 0 ? a / (half - 1) : 1.0f;
                     offset = -half * scale;
                 } else {
-                    if (!(hi >= lo)) lo = hi = 0;  // no tokens seen
                     scale = hi > lo ? (hi - lo) / qmax : 1.0f;
                     offset = lo;
                 }

@@ -46,8 +46,8 @@ engine_key() { sed -n "s/^$1 = //p" "$WS/config.ini"; }
 }
 
 @test "scales: asymmetric from min/max, symmetric from absmax, int4 and int8 side by side" {
-    tm-qparams "$WS" --kv int8 --stats "$BATS_FILE_TMPDIR/tiny.stats"
-    tm-qparams "$WS" --kv int4 --sym --stats "$BATS_FILE_TMPDIR/tiny.stats"
+    tm-qparams "$WS" --kv int8 --full-range --stats "$BATS_FILE_TMPDIR/tiny.stats"
+    tm-qparams "$WS" --kv int4 --sym --full-range --stats "$BATS_FILE_TMPDIR/tiny.stats"
     [ "$(engine_key quant_policy)" = 4 ]
     run python3 - "$BATS_FILE_TMPDIR/tiny.stats" "$WS" <<'EOF'
 import json, struct, subprocess, sys
@@ -77,6 +77,36 @@ EOF
     assert_success
     assert_output ok
     echo '{"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}' | tm-run "$WS" --device cpu --jsonl
+}
+
+@test "by default each head's range is narrowed inside its min/max where outlier channels cost the others" {
+    tm-qparams "$WS" --kv int4 --stats "$BATS_FILE_TMPDIR/tiny.stats"
+    run python3 - "$BATS_FILE_TMPDIR/tiny.stats" "$WS" <<'EOF'
+import json, struct, subprocess, sys
+raw = subprocess.run(["zstd", "-dc", sys.argv[1]], capture_output=True, check=True).stdout
+nl = raw.index(b"\n"); h = json.loads(raw[:nl]); off = nl + 1; v = {}
+for a in h["arrays"]:
+    k = 1
+    for d in a["shape"]: k *= d
+    v[a["name"]] = struct.unpack_from(f"<{k}f", raw, off); off += 4 * k
+b = open(f"{sys.argv[2]}/quant/rank0/kv_int4.bin", "rb").read()
+p = struct.unpack(f"<{len(b)//4}f", b)
+L, H, D = 8, 2, 64
+narrower = 0
+for l in range(L):
+    for which, kv in enumerate("kv"):
+        for hh in range(H):
+            sl = slice(hh * D, (hh + 1) * D)
+            lo = min(v[f"layers.{l}.{kv}.min"][sl]); hi = max(v[f"layers.{l}.{kv}.max"][sl])
+            s, o = p[(l * 4 + 2 * which) * H + hh], p[(l * 4 + 2 * which + 1) * H + hh]
+            top = o + 15 * s
+            assert s > 0 and lo - 1e-5 <= o and top <= hi + 1e-5 * max(1, abs(hi)), (l, kv, hh, o, top, lo, hi)
+            narrower += (top - o) < 0.999 * (hi - lo)
+assert narrower > 0, "no head was narrowed"
+print("ok", narrower)
+EOF
+    assert_success
+    assert_output --partial ok
 }
 
 @test "--online selects per-token scales without statistics; --kv none turns quantization off" {

@@ -15,6 +15,9 @@ class Workspace;
 struct KvQuantOptions {
     int bits = 8;            // 8 or 4
     bool symmetric = false;  // asymmetric (min/max) by default
+    // Narrow each head's range to the least expected squared error over its
+    // channels (see kv_qparams_from_stats); false: the full min/max (absmax).
+    bool clip_mse = true;
 };
 
 // Parameters for the whole model, [layers][4][kv_heads] floats: K scale,
@@ -22,7 +25,10 @@ struct KvQuantOptions {
 // code in [0, 2^bits - 1].
 //   asymmetric: scale = (max - min) / (2^bits - 1), offset = min
 //   symmetric:  scale = absmax / (2^(bits-1) - 1), offset = -2^(bits-1) * scale
-// where min, max, absmax are over all channels of the head.
+// where min, max, absmax are over all channels of the head, or, with
+// clip_mse, the range of least expected squared error: each channel taken as
+// uniform on its own [min, max], the ends moved up to 80% of the way to the
+// middle (the absmax down to 20% of itself), on a grid of 5% steps.
 std::vector<float> kv_qparams_from_stats(const CalibStats& s, const KvQuantOptions& opt);
 
 // Throws tmc::Error unless `s` was recorded on this workspace's weights with
