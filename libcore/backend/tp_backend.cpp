@@ -72,14 +72,22 @@ public:
     }
 
     float* forward(const BatchPlan& plan) override {
-        run_all([&](int r) { outs_[size_t(r)] = ranks_[size_t(r)]->forward(plan); });
+        // Rank r holds columns [r V/tp, (r+1) V/tp) of every logit row when
+        // the vocabulary is split: each rank's thread copies its slice into
+        // the gathered rows as soon as its forward pass is done.
+        const size_t L = plan.logit_rows.size(), V = size_t(cfg_.vocab_size), Vr = V / ranks_.size();
+        run_all([&](int r) {
+            float* o = outs_[size_t(r)] = ranks_[size_t(r)]->forward(plan);
+            if (o && vocab_split_)
+                for (size_t i = 0; i < L; ++i)
+                    std::copy(o + i * Vr, o + (i + 1) * Vr, logits_.data() + i * V + size_t(r) * Vr);
+        });
         last0_ = outs_[0];
         if (!outs_[0]) {
             // Greedy ids. Ranks holding vocabulary slices each found their
             // slice's best: the row's token is the best of those (the lowest
             // rank on ties, i.e. the lowest id, as one rank would pick).
             if (!vocab_split_) return nullptr;
-            const size_t L = plan.logit_rows.size(), Vr = size_t(cfg_.vocab_size) / ranks_.size();
             ids_.resize(L);
             for (size_t i = 0; i < L; ++i) {
                 size_t best = 0;
@@ -92,13 +100,7 @@ public:
             }
             return nullptr;
         }
-        if (!vocab_split_) return outs_[0];
-        // Rank r holds columns [r V/tp, (r+1) V/tp) of every logit row.
-        const size_t L = plan.logit_rows.size(), V = size_t(cfg_.vocab_size), n = ranks_.size(), Vr = V / n;
-        for (size_t r = 0; r < n; ++r)
-            for (size_t i = 0; i < L; ++i)
-                std::copy(outs_[r] + i * Vr, outs_[r] + (i + 1) * Vr, logits_.data() + i * V + r * Vr);
-        return logits_.data();
+        return vocab_split_ ? logits_.data() : outs_[0];
     }
 
     const int* greedy_ids() override { return vocab_split_ ? ids_.data() : ranks_[0]->greedy_ids(); }
