@@ -176,6 +176,9 @@ EOF
     assert_failure 2
     run tm-qparams "$WS" --kv none --stats "$BATS_FILE_TMPDIR/tiny.stats"
     assert_failure 2
+    run tm-qparams "$WS" --kv int4 --online --full-range
+    assert_failure 2
+    assert_output --partial 'no --full-range'
     run tm-qparams "$T/missing" --kv int8 --online
     assert_failure 1
     run tm-qparams --help
