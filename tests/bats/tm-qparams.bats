@@ -49,18 +49,12 @@ engine_key() { sed -n "s/^$1 = //p" "$WS/config.ini"; }
     tm-qparams "$WS" --kv int8 --full-range --stats "$BATS_FILE_TMPDIR/tiny.stats"
     tm-qparams "$WS" --kv int4 --sym --full-range --stats "$BATS_FILE_TMPDIR/tiny.stats"
     [ "$(engine_key quant_policy)" = 4 ]
-    run python3 - "$BATS_FILE_TMPDIR/tiny.stats" "$WS" <<'EOF'
-import json, struct, subprocess, sys
-raw = subprocess.run(["zstd", "-dc", sys.argv[1]], capture_output=True, check=True).stdout
-nl = raw.index(b"\n"); h = json.loads(raw[:nl]); off = nl + 1; v = {}
-for a in h["arrays"]:
-    k = 1
-    for d in a["shape"]: k *= d
-    v[a["name"]] = struct.unpack_from(f"<{k}f", raw, off); off += 4 * k
-def params(bits):
-    b = open(f"{sys.argv[2]}/quant/rank0/kv_int{bits}.bin", "rb").read()
-    return struct.unpack(f"<{len(b)//4}f", b)
-p8, p4 = params(8), params(4)
+    run python3 - "$BATS_FILE_TMPDIR/tiny.stats" "$WS" "$BATS_TEST_DIRNAME" <<'EOF'
+import sys
+sys.path.insert(0, sys.argv[3])
+from kv_stats import load_params, load_stats
+v = load_stats(sys.argv[1])
+p8, p4 = load_params(sys.argv[2], 8), load_params(sys.argv[2], 4)
 L, H, D = 8, 2, 64
 for l in range(L):
     for which, kv in enumerate("kv"):
@@ -81,16 +75,12 @@ EOF
 
 @test "by default each head's range is narrowed inside its min/max where outlier channels cost the others" {
     tm-qparams "$WS" --kv int4 --stats "$BATS_FILE_TMPDIR/tiny.stats"
-    run python3 - "$BATS_FILE_TMPDIR/tiny.stats" "$WS" <<'EOF'
-import json, struct, subprocess, sys
-raw = subprocess.run(["zstd", "-dc", sys.argv[1]], capture_output=True, check=True).stdout
-nl = raw.index(b"\n"); h = json.loads(raw[:nl]); off = nl + 1; v = {}
-for a in h["arrays"]:
-    k = 1
-    for d in a["shape"]: k *= d
-    v[a["name"]] = struct.unpack_from(f"<{k}f", raw, off); off += 4 * k
-b = open(f"{sys.argv[2]}/quant/rank0/kv_int4.bin", "rb").read()
-p = struct.unpack(f"<{len(b)//4}f", b)
+    run python3 - "$BATS_FILE_TMPDIR/tiny.stats" "$WS" "$BATS_TEST_DIRNAME" <<'EOF'
+import sys
+sys.path.insert(0, sys.argv[3])
+from kv_stats import load_params, load_stats
+v = load_stats(sys.argv[1])
+p = load_params(sys.argv[2], 4)
 L, H, D = 8, 2, 64
 narrower = 0
 for l in range(L):
