@@ -41,17 +41,15 @@ public:
         vocab_split_ = sp.vocab_split && !cfg_.tie_word_embeddings;
         for (int r = 0; r < tp; ++r) workers_.emplace_back([this, r] { worker(r); });
         // Built on the ranks' threads, together (NCCL ranks wait for each other).
-        run_all([&](int r) { ranks_[size_t(r)] = make(r); });
+        try {
+            run_all([&](int r) { ranks_[size_t(r)] = make(r); });
+        } catch (...) {
+            stop_workers();  // a rank that failed to build: no thread left behind
+            throw;
+        }
     }
 
-    ~TpBackend() override {
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            stop_ = true;
-        }
-        cv_.notify_all();
-        for (auto& t : workers_) t.join();
-    }
+    ~TpBackend() override { stop_workers(); }
 
     std::string name() const override {
         return ranks_[0]->name() + " x " + std::to_string(ranks_.size()) + " tensor-parallel ranks";
@@ -116,6 +114,16 @@ public:
     }
 
 private:
+    void stop_workers() {
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_)
+            if (t.joinable()) t.join();
+    }
+
     // Runs task(rank) on every rank's thread and waits; rethrows the first error.
     void run_all(const std::function<void(int)>& task) {
         {

@@ -233,4 +233,19 @@ TEST(TensorParallel, GreedyIdsGatheredFromVocabularySlices) {
     EXPECT_EQ(ids[2], 4);
 }
 
+// A rank that cannot be built: the error comes out of the constructor, the
+// rank threads are joined (not left running, not terminating the process).
+TEST(TensorParallel, ARankThatFailsToBuildIsAnError) {
+    tmc::ModelConfig c;
+    c.hidden_size = 8, c.num_layers = 1, c.num_heads = 2, c.num_kv_heads = 2, c.head_dim = 4;
+    c.intermediate_size = 4, c.vocab_size = 10;
+    auto make = [&](int r) -> std::unique_ptr<tmc::Backend> {
+        if (r == 1) throw tmc::Error("rank 1: no device");
+        auto s = std::make_unique<SliceRank>();
+        s->cfg = c;
+        return s;
+    };
+    EXPECT_THROW(tmc::make_tp_backend(c, 2, make, nullptr), tmc::Error);
+}
+
 }  // namespace

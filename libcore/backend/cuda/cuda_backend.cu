@@ -5,9 +5,11 @@
 // the residual stream and logits fp32.
 #include <cuda_runtime.h>
 
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -528,17 +530,45 @@ std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBac
                     "with CUDA_MODULE_LOADING=EAGER");
     const cuda::NcclId id = cuda::nccl_unique_id();
     const Workspace* w = &ws;
+    // ncclCommInitRank waits for every rank: a rank that fails before it
+    // (no device, cuBLAS, memory) would leave the others waiting for ever.
+    // So the ranks meet at a gate first, and go on only if all got there.
+    struct Gate {
+        std::mutex mu;
+        std::condition_variable cv;
+        int arrived = 0;
+        bool failed = false;
+    };
+    auto gate = std::make_shared<Gate>();
     return make_tp_backend(ws.model(), tp, [=](int r) {
         CudaBackendOptions o = opt;
         o.device = r;
         o.tp = tp;
         o.rank = r;
         if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
-        o.make_comm = [id, r, tp](void* stream) {
+        bool passed = false;
+        o.make_comm = [id, r, tp, gate, &passed](void* stream) {
+            {
+                std::unique_lock<std::mutex> lk(gate->mu);
+                ++gate->arrived;
+                gate->cv.notify_all();
+                gate->cv.wait(lk, [&] { return gate->failed || gate->arrived == tp; });
+                if (gate->failed) throw Error("another tensor-parallel rank failed to start");
+                passed = true;
+            }
             return cuda::nccl_communicator(id, r, tp, static_cast<cudaStream_t>(stream));
         };
-        return make_cuda_backend(*w, o);
-    }, nullptr);
+        try {
+            return make_cuda_backend(*w, o);
+        } catch (...) {
+            if (!passed) {
+                std::lock_guard<std::mutex> lk(gate->mu);
+                gate->failed = true;
+                gate->cv.notify_all();
+            }
+            throw;
+        }
+    }, gate);
 }
 
 }  // namespace tmc
