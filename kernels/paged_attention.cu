@@ -167,17 +167,19 @@ struct TileView {
     bool active;
     int my_row, my_pos, my_lo, lo, hi;
     const int* table;
-    __device__ TileView(const AttnArgs& a, const BatchDev& b, int2 tile, int my, int nqv, int group) {
-        active = my < nqv;
-        my_row = tile.x + (active ? my / group : 0);
-        my_pos = b.positions[my_row];
-        my_lo = a.window > 0 ? max(0, my_pos + 1 - a.window) : 0;
-        table = b.blocks + b.block_offset[b.row_seq[tile.x]];
-        const int first = b.positions[tile.x], last = b.positions[tile.x + tile.y - 1];
-        lo = a.window > 0 ? max(0, first + 1 - a.window) : 0;
-        hi = last + 1;
-    }
 };
+__device__ inline TileView tile_view(const AttnArgs& a, const BatchDev& b, int2 tile, int my, int nqv, int group) {
+    const bool active = my < nqv;
+    const int my_row = tile.x + (active ? my / group : 0), my_pos = b.positions[my_row];
+    const int first = b.positions[tile.x], last = b.positions[tile.x + tile.y - 1];
+    return {active,
+            my_row,
+            my_pos,
+            a.window > 0 ? max(0, my_pos + 1 - a.window) : 0,
+            a.window > 0 ? max(0, first + 1 - a.window) : 0,
+            last + 1,
+            b.blocks + b.block_offset[b.row_seq[tile.x]]};
+}
 
 constexpr int kTileQ = 64;   // query vectors per block
 constexpr int kTileK = 64;   // keys per chunk
@@ -204,10 +206,7 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs
         const int qv = i / HD, c = i % HD, r = qv / group, g = qv % group;
         qs[qv * QS + c] = a.q[size_t(tile.x + r) * a.ld + size_t(kh * group + g) * HD + c];
     }
-    const TileView tv(a, b, tile, my, nqv, group);
-    const bool active = tv.active;
-    const int my_row = tv.my_row, my_pos = tv.my_pos, my_lo = tv.my_lo, lo = tv.lo, hi = tv.hi;
-    const int* table = tv.table;
+    const auto [active, my_row, my_pos, my_lo, lo, hi, table] = tile_view(a, b, tile, my, nqv, group);
     const T* cache = static_cast<const T*>(kv.base);
     float m = -FLT_MAX, l = 0;
     float acc[CPT];
@@ -343,10 +342,7 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_mma_k(AttnArgs a
         Qs[qv * QL + c] = from_f<T>(v);
         Os[qv * OL + c] = 0;
     }
-    const TileView tv(a, b, tile, my, nqv, group);
-    const bool active = tv.active;
-    const int my_row = tv.my_row, my_pos = tv.my_pos, my_lo = tv.my_lo, lo = tv.lo, hi = tv.hi;
-    const int* table = tv.table;
+    const auto [active, my_row, my_pos, my_lo, lo, hi, table] = tile_view(a, b, tile, my, nqv, group);
     const T* cache = static_cast<const T*>(kv.base);
     float m = -FLT_MAX, l = 0;
     for (int c0 = lo; c0 < hi; c0 += kTileK) {

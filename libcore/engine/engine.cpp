@@ -772,36 +772,31 @@ void Engine::Impl::step() {
     if (slots.empty()) return;
     // When every sampled row is greedy and plain, the backend may return only
     // the argmax of each row (the GPU then sends back ids, not logits).
+    // Rows that need the logits on the host: prompt log-probabilities, and
+    // sampled rows with log-probabilities or penalties.
+    auto needs_host = [](const Slot& sl) {
+        const SamplingParams& p = sl.r->req.sampling;
+        return p.prompt_logprobs || (sl.sample && (p.logprobs >= 0 || p.repetition_penalty != 1.0f ||
+                                                   p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f));
+    };
     plan.greedy_only = true;
     for (auto& sl : slots) {
         const SamplingParams& p = sl.r->req.sampling;
-        if (p.prompt_logprobs || (sl.sample && !(p.temperature <= 0.0f || p.top_k == 1)) ||
-            (sl.sample && (p.logprobs >= 0 || p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f ||
-                           p.frequency_penalty != 0.0f)))
-            plan.greedy_only = false;
+        if (needs_host(sl) || (sl.sample && !(p.temperature <= 0.0f || p.top_k == 1))) plan.greedy_only = false;
     }
     const auto t_fwd = Clock::now();
     // Otherwise, when the backend draws tokens itself and no row needs the
     // host (penalties, log-probabilities), each logit row gets its spec and
     // the uniform number of its request's stream.
-    if (!plan.greedy_only && backend->samples_on_device()) {
-        bool device = true;
+    if (!plan.greedy_only && backend->samples_on_device() && std::none_of(slots.begin(), slots.end(), needs_host)) {
+        plan.sample.assign(plan.logit_rows.size(), BatchPlan::SampleSpec{});
         for (auto& sl : slots) {
+            if (!sl.sample) continue;
             const SamplingParams& p = sl.r->req.sampling;
-            if (p.prompt_logprobs || (sl.sample && (p.logprobs >= 0 || p.repetition_penalty != 1.0f ||
-                                                    p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f)))
-                device = false;
-        }
-        if (device) {
-            plan.sample.assign(plan.logit_rows.size(), BatchPlan::SampleSpec{});
-            for (auto& sl : slots) {
-                if (!sl.sample) continue;
-                const SamplingParams& p = sl.r->req.sampling;
-                auto& q = plan.sample[size_t(sl.logit_begin + sl.n_logits - 1)];
-                q.temperature = p.top_k == 1 ? 0.0f : p.temperature;
-                q.top_k = p.top_k, q.top_p = p.top_p, q.min_p = p.min_p;
-                if (q.temperature > 0) q.u = std::min(float(sl.r->rng.uniform()), 0x1.fffffep-1f);
-            }
+            auto& q = plan.sample[size_t(sl.logit_begin + sl.n_logits - 1)];
+            q.temperature = p.top_k == 1 ? 0.0f : p.temperature;
+            q.top_k = p.top_k, q.top_p = p.top_p, q.min_p = p.min_p;
+            if (q.temperature > 0) q.u = std::min(float(sl.r->rng.uniform()), 0x1.fffffep-1f);
         }
     }
     float* logits = backend->forward(plan);

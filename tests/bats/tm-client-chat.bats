@@ -69,10 +69,7 @@ cached_of() { grep '"path": "/v1/chat/completions"' "$LOG" | sed -n "${1}p" | se
     wait_for '"status": 499' "$LOG"
     [ ! -e "$T/exit" ]
     wait_for '^>>> *$'
-    tmux -L "$SOCK" send-keys -t chat -l "half a line"
-    tmux -L "$SOCK" send-keys -t chat C-c
-    tmux -L "$SOCK" send-keys -t chat C-d
-    wait_for 'EXIT=0' exit
+    discard_line_and_quit
 }
 
 @test "an unreachable server: one error line per turn, the chat goes on" {

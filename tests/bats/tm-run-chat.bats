@@ -66,10 +66,7 @@ start() {  # start [tm-run options...]  (MODEL: default the tinytech workspace)
     [ "$(screen | grep -c '(stopped)')" -eq 2 ]
     # Ctrl-C at the prompt discards the line; Ctrl-D quits.
     wait_for '^>>>$'
-    tmux -L "$SOCK" send-keys -t chat -l "half a line"
-    tmux -L "$SOCK" send-keys -t chat C-c
-    tmux -L "$SOCK" send-keys -t chat C-d
-    wait_for 'EXIT=0' exit
+    discard_line_and_quit
 }
 
 @test "a model without a chat template is refused clearly, and --chat-template fixes it" {

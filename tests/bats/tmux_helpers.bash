@@ -27,3 +27,11 @@ wait_for() {
 }
 
 type_line() { tmux -L "$SOCK" send-keys -t chat -l "$1"; tmux -L "$SOCK" send-keys -t chat Enter; }
+
+# At the prompt: a half-typed line dropped by Ctrl-C, then Ctrl-D quits with status 0.
+discard_line_and_quit() {
+    tmux -L "$SOCK" send-keys -t chat -l "half a line"
+    tmux -L "$SOCK" send-keys -t chat C-c
+    tmux -L "$SOCK" send-keys -t chat C-d
+    wait_for 'EXIT=0' exit
+}
