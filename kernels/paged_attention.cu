@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cfloat>
 
+#include <cuda_pipeline.h>
 #include <mma.h>
 
 #include "kernels/common.cuh"
@@ -124,6 +125,178 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
         if (i >= hd) break;
         for (int g = 0; g < group; ++g) out[size_t(g) * hd + i] = from_f<T>(acc[g][c] * inv_l[g]);
     }
+}
+
+// ---------------------------------------------------------------- decode (16-bit cache)
+//
+// The same work as paged_attention_k (one block per row, KV head and split)
+// shaped for HBM bandwidth: chunks of 64 keys are copied into shared memory
+// by 16-byte asynchronous copies, double-buffered (the next chunk's copies
+// are in flight while this one is computed); the scores take one key per
+// thread (no shuffles) and the weighted sum of V one channel per thread.
+// Used for 16-bit caches with head_dim 64 or 128.
+
+constexpr int kDecChunk = 64;
+
+template <int HD>
+constexpr size_t decode_smem_bytes() { return 2 * 2 * size_t(kDecChunk) * (HD + 8) * 2; }  // [K, V][2 buffers]
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kThreads, 3) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
+    constexpr int KL = HD + 8;                 // staged row stride (elements): 16-byte aligned, banks shifted
+    constexpr int V8 = HD / 8;                 // 16-byte vectors per row
+    constexpr int PER = kDecChunk * V8 / kThreads;  // vectors per thread per chunk, each of K and V
+    constexpr int KP = kThreads / HD;          // key phases of the weighted sum (2 when HD is 64)
+    constexpr int SP = kThreads / kDecChunk;   // head phases of the scores
+    static_assert(PER >= 1 && KP >= 1 && SP >= 1);
+    extern __shared__ __align__(16) unsigned char dsm[];
+    T* const Kb = reinterpret_cast<T*>(dsm);   // [2][kDecChunk][KL]
+    T* const Vb = Kb + 2 * kDecChunk * KL;     // [2][kDecChunk][KL]
+    __shared__ __align__(16) float q[kMaxGroup][HD];
+    __shared__ float p[kMaxGroup][kDecChunk];
+    __shared__ float alpha[kMaxGroup];
+    __shared__ float inv_l[kMaxGroup];
+    const int r = rows ? rows[blockIdx.x] : blockIdx.x, kh = blockIdx.y;
+    const int group = a.nq / a.nkv;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = kThreads / 32;
+    const int pos = b.positions[r];
+    const int* table = b.blocks + b.block_offset[b.row_seq[r]];
+    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
+    const int nsplit = gridDim.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
+    const int begin = min(vis_end, vis_begin + int(blockIdx.z) * span), end = min(vis_end, begin + span);
+    const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * HD;
+    for (int i = tid; i < group * HD; i += kThreads) q[i / HD][i % HD] = qr[i];
+    const T* cache = static_cast<const T*>(kv.base);
+    const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
+    float m_run[kMaxGroup / 4 + 1], l_run[kMaxGroup / 4 + 1];
+    for (int k = 0; k < kMaxGroup / 4 + 1; ++k) m_run[k] = -FLT_MAX, l_run[k] = 0;
+    const int c_own = tid % HD, k_phase = tid / HD;  // the weighted sum: channel, first key
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0;
+    // Copies chunk c0's K and V into buffer `buf` (one commit group).
+    const auto stage = [&](int c0, int buf) {
+        const int n = min(kDecChunk, end - c0);
+        T* Ks = Kb + buf * kDecChunk * KL;
+        T* Vs = Vb + buf * kDecChunk * KL;
+#pragma unroll
+        for (int u = 0; u < PER; ++u) {
+            const int i = tid + u * kThreads, kk = i / V8, c = (i % V8) * 8;
+            if (kk < n) {
+                const int ps = c0 + kk;
+                const T* kp = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
+                __pipeline_memcpy_async(Ks + kk * KL + c, kp, 16);
+                __pipeline_memcpy_async(Vs + kk * KL + c, kp + vdelta, 16);
+            }
+        }
+        __pipeline_commit();
+    };
+    if (begin < end) stage(begin, 0);
+    for (int c0 = begin, buf = 0; c0 < end; c0 += kDecChunk, buf ^= 1) {
+        const int n = min(kDecChunk, end - c0);
+        if (c0 + kDecChunk < end) {
+            stage(c0 + kDecChunk, buf ^ 1);  // the previous iteration is done with that buffer
+            __pipeline_wait_prior(1);
+        } else {
+            __pipeline_wait_prior(0);
+        }
+        __syncthreads();  // this chunk has landed for every thread (and q is written)
+        const T* Ks = Kb + buf * kDecChunk * KL;
+        const T* Vs = Vb + buf * kDecChunk * KL;
+        // Scores: key tid % 64, heads tid / 64, tid / 64 + SP, ...
+        {
+            const int kk = tid % kDecChunk;
+            if (kk < n)
+                for (int g = tid / kDecChunk; g < group; g += SP) {
+                    float d = 0;
+#pragma unroll
+                    for (int c = 0; c < HD; c += 8) {
+                        const uint4 kv8 = *reinterpret_cast<const uint4*>(Ks + kk * KL + c);
+                        const T* k8 = reinterpret_cast<const T*>(&kv8);
+                        const float4 qa = *reinterpret_cast<const float4*>(&q[g][c]);
+                        const float4 qb = *reinterpret_cast<const float4*>(&q[g][c + 4]);
+                        d += qa.x * to_f(k8[0]) + qa.y * to_f(k8[1]) + qa.z * to_f(k8[2]) + qa.w * to_f(k8[3]) +
+                             qb.x * to_f(k8[4]) + qb.y * to_f(k8[5]) + qb.z * to_f(k8[6]) + qb.w * to_f(k8[7]);
+                    }
+                    p[g][kk] = d * a.scale;
+                }
+        }
+        __syncthreads();
+        // Softmax bookkeeping: warp w handles heads w, w + 4, ...
+#pragma unroll
+        for (int k = 0; k < kMaxGroup / 4 + 1; ++k) {
+            const int g = warp + k * nwarps;
+            if (g >= group) break;
+            float mx = -FLT_MAX;
+            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p[g][j]);
+            mx = warp_max(mx);
+            const float m_new = fmaxf(m_run[k], mx);
+            float sum = 0;
+            for (int j = lane; j < n; j += 32) {
+                const float e = __expf(p[g][j] - m_new);
+                p[g][j] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            const float al = __expf(m_run[k] - m_new);
+            l_run[k] = l_run[k] * al + sum;
+            m_run[k] = m_new;
+            if (lane == 0) alpha[g] = al;
+        }
+        __syncthreads();
+        // Weighted V: channel c_own, keys k_phase, k_phase + KP, ...
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+            if (g < group) acc[g] *= alpha[g];
+#pragma unroll 4
+        for (int kk = k_phase; kk < n; kk += KP) {
+            const float v = to_f(Vs[kk * KL + c_own]);
+            for (int g = 0; g < kMaxGroup; ++g)
+                if (g < group) acc[g] += p[g][kk] * v;
+        }
+        __syncthreads();  // done with this buffer and p before the next chunk's copies and scores
+    }
+    if constexpr (KP > 1) {
+        // Fold the key phases into phase 0 (q is free now).
+        __syncthreads();
+        for (int ph = 1; ph < KP; ++ph) {
+#pragma unroll
+            for (int g = 0; g < kMaxGroup; ++g)
+                if (g < group && k_phase == ph) q[g][c_own] = acc[g];
+            __syncthreads();
+#pragma unroll
+            for (int g = 0; g < kMaxGroup; ++g)
+                if (g < group && k_phase == 0) acc[g] += q[g][c_own];
+            __syncthreads();
+        }
+    }
+    if (nsplit > 1) {
+        // Unnormalized partial results: acc, then (max, sum) per query head.
+        float* part = a.split_scratch;
+        const size_t ml0 = size_t(gridDim.x) * a.nq * nsplit * HD;
+#pragma unroll
+        for (int k = 0; k < kMaxGroup / 4 + 1; ++k) {
+            const int g = warp + k * nwarps;
+            if (g < group && lane == 0) {
+                const size_t e = (size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z;
+                part[ml0 + 2 * e] = m_run[k];
+                part[ml0 + 2 * e + 1] = l_run[k];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g)
+            if (g < group && k_phase == 0)
+                part[((size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z) * HD + c_own] = acc[g];
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxGroup / 4 + 1; ++k)
+        if (warp + k * nwarps < group && lane == 0) inv_l[warp + k * nwarps] = 1.0f / l_run[k];
+    __syncthreads();
+    T* out = static_cast<T*>(a.out) + size_t(r) * a.nq * HD + size_t(kh) * group * HD;
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+        if (g < group && k_phase == 0) out[size_t(g) * HD + c_own] = from_f<T>(acc[g] * inv_l[g]);
 }
 
 // Merges the splits of paged_attention_k: one block per (row, query head);
@@ -452,6 +625,13 @@ void launch_mma(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const 
     paged_attention_mma_k<T, HD, B><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
 }
 
+template <class T, int HD>
+void launch_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, cudaStream_t s) {
+    constexpr size_t bytes = decode_smem_bytes<HD>();
+    allow_smem<paged_decode_k<T, HD>>(bytes);
+    paged_decode_k<T, HD><<<grid, kThreads, bytes, s>>>(a, b, kv, rows);
+}
+
 template <class T, int HD, int B>
 void launch_tiles(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     if (a.tensor_cores) launch_mma<T, HD, B>(a, b, kv, tiles, n, s);
@@ -480,7 +660,12 @@ void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout
     if (n == 0) return;
     const int nsplit = a.split_scratch ? attention_splits(n, a.nkv) : 1;
     dim3 grid(n, a.nkv, nsplit);
-    TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, rows))));
+    if (kv.bits == 16 && a.hd == 128 && a.nq / a.nkv <= kMaxGroup)
+        TM_DISPATCH_DT(dt, W, (launch_decode<W, 128>(grid, a, b, kv, rows, s)));
+    else if (kv.bits == 16 && a.hd == 64 && a.nq / a.nkv <= kMaxGroup)
+        TM_DISPATCH_DT(dt, W, (launch_decode<W, 64>(grid, a, b, kv, rows, s)));
+    else
+        TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, rows))));
     if (nsplit > 1) TM_DISPATCH_DT(dt, W, (merge_splits_k<W><<<dim3(n, a.nq), 128, 0, s>>>(a, rows, nsplit)));
 }
 

@@ -167,6 +167,7 @@ int main(int argc, char** argv) {
     eo.device = argc > 3 ? argv[3] : "cpu";
     eo.threads = threads;
     eo.max_batch_tokens = argc > 4 ? std::atoi(argv[4]) : 0;
+    if (const char* mb = std::getenv("TM_BENCH_MAX_BATCH")) eo.max_batch_size = std::atoi(mb);  // sequences per step
     auto e = tmc::Engine::open(argv[1], eo);
     const int nthreads = threads > 0 ? threads : int(std::thread::hardware_concurrency());
     decode_rate(*e, 1, 16, 16);  // warm up (page in the weights)

@@ -250,7 +250,9 @@ TEST(Kernels, SampleRowsFollowTheFilteredDistribution) {
         }
         double tv = 0;
         for (int i = 0; i < V; ++i) tv += std::abs(got[size_t(i)] - want[size_t(i)]) / 2;
-        if (!quick) EXPECT_LT(tv, 0.04) << "t " << f.t << " k " << f.k << " p " << f.p << " min_p " << f.min_p << " (" << n << " kept)";
+        if (!quick) {
+            EXPECT_LT(tv, 0.04) << "t " << f.t << " k " << f.k << " p " << f.p << " min_p " << f.min_p << " (" << n << " kept)";
+        }
     }
 }
 
@@ -486,7 +488,10 @@ void compare_forward(const char* m, int kv_quant, bool static_scales, float tol,
                 err = std::max(err, std::abs(w[i] - x[i]));
             }
             EXPECT_LT(err, tol * scale + tol) << m << " kv " << kv_quant << (static_scales ? " static" : "") << " row " << r;
-            argmax_same += std::max_element(w, w + V) - w == std::max_element(x, x + V) - x;
+            // The GPU's choice agrees when it is the CPU's, or a near tie of it
+            // (random models have many): its CPU logit within the tolerance of the best.
+            const float best = *std::max_element(w, w + V);
+            argmax_same += w[std::max_element(x, x + V) - x] >= best - (tol * scale + tol);
         }
         if (step >= 1) {
             EXPECT_GE(double(argmax_same), argmax_frac * double(p.logit_rows.size())) << m << " kv " << kv_quant << (static_scales ? " static" : "") << " step " << step;
