@@ -49,7 +49,16 @@ public:
         }
     }
 
-    ~TpBackend() override { stop_workers(); }
+    ~TpBackend() override {
+        // Each rank is taken down on its own thread, the ranks together:
+        // its device is current there, and NCCL's communicator destruction
+        // (or abort, after an error) waits for the peers'.
+        try {
+            run_all([&](int r) { ranks_[size_t(r)].reset(); });
+        } catch (...) {
+        }
+        stop_workers();
+    }
 
     std::string name() const override {
         return ranks_[0]->name() + " x " + std::to_string(ranks_.size()) + " tensor-parallel ranks";

@@ -307,7 +307,10 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     const int block_size = opt.block_size > 0 ? opt.block_size : ec.cache_block_seq_len;
     if (block_size <= 0 || block_size > 4096) throw Error("block size must be in 1..4096");
     const size_t per_token = im->backend->kv_bytes_per_token();
-    const int batch_tokens = opt.max_batch_tokens > 0 ? opt.max_batch_tokens : 512;
+    // Default step budget: 512 tokens on the CPU, 4096 on a GPU (whose
+    // prefill is efficient in large chunks; the figures of scripts/bench-gpu.sh).
+    const bool on_gpu = im->backend->name().rfind("cuda", 0) == 0;
+    const int batch_tokens = opt.max_batch_tokens > 0 ? opt.max_batch_tokens : on_gpu ? 4096 : 512;
     int64_t tokens = opt.cache_tokens;
     if (tokens <= 0) {
         int64_t bytes = opt.cache_bytes > 0

@@ -5,11 +5,13 @@
 // the residual stream and logits fp32.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.hpp"
@@ -72,8 +74,14 @@ public:
     const int* greedy_ids() override { return h_ids_; }
     const float* greedy_values() override { return h_vals_; }
     bool samples_on_device() const override { return device_sampling_ && out_rows_ == cfg_.vocab_size; }
+    // NCCL needs each rank's communicator aborted by its own thread, the
+    // ranks together (an abort waits for the peers'): the failing rank's
+    // thread aborts its own; another rank's thread does when it next waits
+    // for its stream (wait()), which it polls for this request.
     void abort_collectives() override {
-        if (comm_) comm_->abort();
+        if (!comm_) return;
+        abort_requested_.store(true);
+        if (std::this_thread::get_id() == owner_) comm_->abort();
     }
 
 private:
@@ -119,6 +127,9 @@ private:
     int rank_ = 0;
     int out_rows_ = 0;  // rows of the output projection on this rank (vocab, or vocab / tp)
     std::unique_ptr<Communicator> comm_;  // tp > 1
+    std::atomic<bool> abort_requested_{false};
+    std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
+    void wait(const char* what);
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
     DevBuf<float> x_, qkv_, logits_, attn_split_;
@@ -229,7 +240,15 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
 }
 
 CudaBackend::~CudaBackend() {
-    if (stream_) cudaStreamSynchronize(stream_);
+    if (comm_) {
+        try {
+            wait("shutdown");
+        } catch (...) {
+        }
+        if (abort_requested_) comm_->abort();
+    } else if (stream_) {
+        cudaStreamSynchronize(stream_);
+    }
     for (auto g : graphs_)
         if (g) cudaGraphExecDestroy(g);
     if (blas_) cuda::cublas().destroy(blas_);
@@ -319,9 +338,37 @@ int graph_bucket(int T) {
     return (T + 7) / 8 * 8;
 }
 
+// The end of a step's work on stream_. A tensor-parallel rank polls, so
+// that a peer's failure (abort_collectives from another thread) ends the
+// wait: this thread aborts its own communicator, whose pending collectives
+// then return, and the step fails.
+void CudaBackend::wait(const char* what) {
+    if (!comm_) {
+        check(cudaStreamSynchronize(stream_), what);
+        return;
+    }
+    for (;;) {
+        const cudaError_t e = cudaStreamQuery(stream_);
+        if (e == cudaSuccess) return;
+        if (e != cudaErrorNotReady) check(e, what);
+        if (abort_requested_.load()) {
+            comm_->abort();
+            cudaStreamSynchronize(stream_);
+            (void)cudaGetLastError();
+            throw Error("the tensor-parallel group was ended after an error on another rank");
+        }
+        std::this_thread::yield();
+    }
+}
+
 float* CudaBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
     trace("forward rows", T);
+    // Each launch is checked with cudaGetLastError, which also returns an
+    // earlier failed runtime call of this thread that its caller handled
+    // (NCCL's peer-access setup leaves cudaErrorPeerAccessAlreadyEnabled):
+    // start from a clean slate (a sticky error still shows at the next call).
+    (void)cudaGetLastError();
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
         throw Error("cuda backend: batch plan outside the limits it was initialized with");
     // Attention work: sequences with several rows this step go in tiles of
@@ -427,7 +474,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         cuda::sample_rows(logits_.p, L, out_rows_, spec_.p, ids_.p, stream_);
         launched("sample_rows");
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
-        check(cudaStreamSynchronize(stream_), "forward");
+        wait("forward");
         return nullptr;
     }
     if (L > 0 && plan.greedy_only) {
@@ -439,14 +486,14 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
         if (slice)
             check(cudaMemcpyAsync(h_vals_, vals_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "values download");
-        check(cudaStreamSynchronize(stream_), "forward");
+        wait("forward");
         return nullptr;
     }
     trace("synchronize rows", T);
     if (L > 0)
         check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(out_rows_) * 4, cudaMemcpyDeviceToHost, stream_),
               "logits download");
-    check(cudaStreamSynchronize(stream_), "forward");
+    wait("forward");
     trace("done rows", T);
     return h_logits_;
 }

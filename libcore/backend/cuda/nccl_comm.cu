@@ -1,5 +1,6 @@
 #include "backend/cuda/nccl_comm.hpp"
 
+#include <cuda_runtime.h>
 #include <nccl.h>
 
 #include <atomic>
@@ -55,6 +56,7 @@ public:
         static_assert(sizeof(u.internal) == std::tuple_size<NcclId>::value);
         std::memcpy(u.internal, id.data(), id.size());
         check(nccl().comm_init_rank(&comm_, n, u, rank), "ncclCommInitRank");
+        (void)cudaGetLastError();  // what NCCL's own CUDA calls left (it reports through its result)
         try {
             warm_up();
         } catch (...) {
@@ -73,6 +75,7 @@ public:
     void all_reduce_sum(float* x, size_t n) override {
         if (aborted_) throw Error("NCCL: the tensor-parallel group was ended after an error on another rank");
         check(nccl().all_reduce(x, x, n, ncclFloat, ncclSum, comm_, stream_), "ncclAllReduce");
+        (void)cudaGetLastError();
     }
 
 private:
@@ -85,6 +88,7 @@ private:
         const ncclResult_t r = nccl().all_reduce(d, d, 256, ncclFloat, ncclSum, comm_, stream_);
         const cudaError_t e = cudaStreamSynchronize(stream_);
         cudaFree(d);
+        (void)cudaGetLastError();
         check(r, "ncclAllReduce (warm-up)");
         if (e != cudaSuccess) throw Error(std::string("NCCL warm-up: ") + cudaGetErrorString(e));
     }

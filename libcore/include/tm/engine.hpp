@@ -36,7 +36,7 @@ struct EngineOptions {
     int block_size = 0;            // tokens per KV block; 0: config.ini's cache_block_seq_len
     int64_t cache_tokens = 0;      // KV pool size in tokens; 0: from cache_bytes
     int64_t cache_bytes = 0;       // KV pool size in bytes; 0: the backend's default
-    int max_batch_tokens = 0;      // tokens per step (decode + prefill chunks); 0: 512
+    int max_batch_tokens = 0;      // tokens per step (decode + prefill chunks); 0: 512 on the CPU, 4096 on a GPU
     int max_batch_size = 0;        // sequences per step; 0: 256
     int quant_policy = -1;         // KV cache: 0 (16/32-bit), 8 (int8), 4 (int4); -1: config.ini's
     int tp = 0;                    // tensor-parallel ranks; 0: the workspace's (must match it)
