@@ -23,7 +23,9 @@ export NCCL_NVLS_ENABLE=0
 mkdir -p "$W/llama8b" "$OUTDIR"
 if [ "$STEP" != bench ]; then
 if [ -n "$GPU_TESTS" ]; then
-    TM_SHARED="$SHARED" timeout 300 "$GPU_TESTS" --gtest_filter='Nccl.*:CudaBackend.TensorParallel*' | tee "$OUTDIR/gpu-tests-tp.txt"
+    TM_SHARED="$SHARED" timeout 300 "$GPU_TESTS" --gtest_filter='Nccl.*:CudaBackend.TensorParallel*' > "$OUTDIR/gpu-tests-tp.txt" 2>&1 ||
+        echo "bench-tp: the tensor-parallel GPU tests failed or hung (TM_TP_TRACE=1 shows each rank's progress)"
+    cat "$OUTDIR/gpu-tests-tp.txt"
 fi
 "$BIN/allreduce_bench" 4096 | tee "$OUTDIR/allreduce.jsonl"
 cp "$HERE/llama3-8b-config.json" "$W/llama8b/config.json"
@@ -41,7 +43,8 @@ for i, l in enumerate(open(sys.argv[1])):
                           "return_token_ids": True}))
 PY
 "$BIN/tm-run" "$W/ws1" --device cuda --jsonl < "$W/greedy.jsonl" > "$OUTDIR/greedy-tp1.jsonl"
-"$BIN/tm-run" "$W/ws2" --device cuda --jsonl < "$W/greedy.jsonl" > "$OUTDIR/greedy-tp2.jsonl"
+timeout 300 "$BIN/tm-run" "$W/ws2" --device cuda --jsonl < "$W/greedy.jsonl" > "$OUTDIR/greedy-tp2.jsonl" ||
+    { echo "bench-tp: tm-run --tp 2 failed or hung (exit $?)"; exit 1; }
 python3 - "$OUTDIR/greedy-tp1.jsonl" "$OUTDIR/greedy-tp2.jsonl" <<'PY'
 import json, sys
 a = {j["id"]: j["token_ids"] for j in map(json.loads, open(sys.argv[1]))}

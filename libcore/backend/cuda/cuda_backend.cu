@@ -19,6 +19,7 @@
 #include "backend/comm.hpp"
 #include "backend/cuda/cublas_dyn.hpp"
 #include "backend/cuda/nccl_comm.hpp"
+#include "backend/cuda/step_profile.hpp"
 #include "model/tp_split.hpp"
 #include "kernels/kernels.cuh"
 #include "model/rope.hpp"
@@ -130,6 +131,7 @@ private:
     std::atomic<bool> abort_requested_{false};
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
     void wait(const char* what);
+    cuda::StepProfile prof_;  // TM_CUDA_PROFILE=1
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
     DevBuf<float> x_, qkv_, logits_, attn_split_;
@@ -193,6 +195,10 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
     on("TM_CUDA_SAMPLING", device_sampling_);
+    if (const char* g = std::getenv("TM_CUDA_PROFILE"); g && std::string(g) == "1") {
+        prof_.enable(cfg_.num_layers * 11 + 8);
+        graphs_enabled_ = false;  // events are timed outside graphs only
+    }
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
@@ -473,8 +479,10 @@ float* CudaBackend::forward(const BatchPlan& plan) {
               "sampling upload");
         cuda::sample_rows(logits_.p, L, out_rows_, spec_.p, ids_.p, stream_);
         launched("sample_rows");
+        prof_.mark(prof_.kLogits);
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
         wait("forward");
+        prof_.end(decode, T);
         return nullptr;
     }
     if (L > 0 && plan.greedy_only) {
@@ -483,10 +491,12 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         const bool slice = out_rows_ != cfg_.vocab_size;
         cuda::argmax_rows(logits_.p, L, out_rows_, ids_.p, stream_, slice ? vals_.p : nullptr);
         launched("argmax");
+        prof_.mark(prof_.kLogits);
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
         if (slice)
             check(cudaMemcpyAsync(h_vals_, vals_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "values download");
         wait("forward");
+        prof_.end(decode, T);
         return nullptr;
     }
     trace("synchronize rows", T);
@@ -494,6 +504,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(out_rows_) * 4, cudaMemcpyDeviceToHost, stream_),
               "logits download");
     wait("forward");
+    prof_.end(decode, T);
     trace("done rows", T);
     return h_logits_;
 }
@@ -505,11 +516,14 @@ void CudaBackend::add_projection(const DevWeight& w, const void* in, int T) {
     const int H = cfg_.hidden_size;
     if (!comm_) {
         gemm(w, in, T, x_.p, CUDA_R_32F, H, 1.0f);
+        prof_.mark(prof_.kGemm);
         return;
     }
     gemm(w, in, T, x_.p, CUDA_R_32F, H, rank_ == 0 ? 1.0f : 0.0f);
+    prof_.mark(prof_.kGemm);
     trace("all-reduce rows", T);
     comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
+    prof_.mark(prof_.kAllReduce);
 }
 
 // The kernels of one step, on stream_ (captured into a graph for decode).
@@ -523,16 +537,21 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
     const int nq = cfg_.num_heads, nkv = cfg_.num_kv_heads, qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
     const float eps = float(cfg_.rms_norm_eps);
+    prof_.begin(stream_);
     cuda::embedding(dt_, emb_.ptr, d_tokens, T, H, x_.p, stream_);
     launched("embedding");
+    prof_.mark(prof_.kEmbed);
     for (int l = 0; l < cfg_.num_layers; ++l) {
         const Layer& Ly = layers_[size_t(l)];
         cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.attn_norm.ptr, eps, h_.p, stream_);
         launched("rmsnorm");
+        prof_.mark(prof_.kNorm);
         gemm(Ly.wqkv, h_.p, T, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f);
+        prof_.mark(prof_.kGemm);
         cuda::QkvArgs qa{qkv_.p, qkv_ld, T, nq, nkv, hd, Ly.bqkv.ptr, Ly.q_norm.ptr, Ly.k_norm.ptr, eps, inv_freq_.p, l};
         cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
         launched("qkv_rope_cache");
+        prof_.mark(prof_.kRope);
         cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p,
                           split_attention_ ? attn_split_.p : nullptr, mma_attention_};
         if (cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_)) {
@@ -541,18 +560,23 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
             cuda::paged_attention(dt_, aa, bd, kvl_, nullptr, T, stream_);
         }
         launched("paged_attention");
+        prof_.mark(prof_.kAttention);
         add_projection(Ly.wo, attn_.p, T);
         cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
         launched("rmsnorm");
+        prof_.mark(prof_.kNorm);
         gemm(Ly.w13, h_.p, T, gu_.p, cdt_, 2 * I, 0.0f);
+        prof_.mark(prof_.kGemm);
         cuda::silu_mul(dt_, gu_.p, T, I, act_.p, stream_);
         launched("silu_mul");
+        prof_.mark(prof_.kActivation);
         add_projection(Ly.w2, act_.p, T);
     }
     if (L > 0) {
         cuda::rmsnorm(dt_, x_.p, d_lrows, L, H, final_norm_.ptr, eps, hn_.p, stream_);
         launched("rmsnorm");
         gemm(output_, hn_.p, L, logits_.p, CUDA_R_32F, out_rows_, 0.0f);
+        prof_.mark(prof_.kLogits);
     }
 }
 
