@@ -25,6 +25,27 @@ constexpr int kMaxGroup = 8;
 constexpr int kMaxHd = 256;
 constexpr int kMaxSplits = 32;  // at most one warp's worth: merge_splits_k weighs them in one warp
 
+// One warp's online-softmax step over a chunk of one head's scores p[0, n):
+// p becomes exp(p - new max), the running max and sum move on; returns the
+// factor that rescales what was accumulated before.
+__device__ inline float softmax_chunk(float* p, int n, float& m_run, float& l_run, int lane) {
+    float mx = -FLT_MAX;
+    for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p[j]);
+    mx = warp_max(mx);
+    const float m_new = fmaxf(m_run, mx);
+    float sum = 0;
+    for (int j = lane; j < n; j += 32) {
+        const float e = __expf(p[j] - m_new);
+        p[j] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    const float al = __expf(m_run - m_new);
+    l_run = l_run * al + sum;
+    m_run = m_new;
+    return al;
+}
+
 template <class T, int B>
 __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
     __shared__ float q[kMaxGroup][kMaxHd];
@@ -68,20 +89,7 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
         __syncthreads();
         // Softmax bookkeeping: warp w handles heads w, w + 4, ...
         for (int g = warp, k = 0; g < group; g += nwarps, ++k) {
-            float mx = -FLT_MAX;
-            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p[g][j]);
-            mx = warp_max(mx);
-            const float m_new = fmaxf(m_run[k], mx);
-            float sum = 0;
-            for (int j = lane; j < n; j += 32) {
-                float e = __expf(p[g][j] - m_new);
-                p[g][j] = e;
-                sum += e;
-            }
-            sum = warp_sum(sum);
-            const float al = __expf(m_run[k] - m_new);
-            l_run[k] = l_run[k] * al + sum;
-            m_run[k] = m_new;
+            const float al = softmax_chunk(p[g], n, m_run[k], l_run[k], lane);
             if (lane == 0) alpha[g] = al;
         }
         __syncthreads();
@@ -227,20 +235,7 @@ __global__ void __launch_bounds__(kThreads, 3) paged_decode_k(AttnArgs a, BatchD
         for (int k = 0; k < kMaxGroup / 4 + 1; ++k) {
             const int g = warp + k * nwarps;
             if (g >= group) break;
-            float mx = -FLT_MAX;
-            for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p[g][j]);
-            mx = warp_max(mx);
-            const float m_new = fmaxf(m_run[k], mx);
-            float sum = 0;
-            for (int j = lane; j < n; j += 32) {
-                const float e = __expf(p[g][j] - m_new);
-                p[g][j] = e;
-                sum += e;
-            }
-            sum = warp_sum(sum);
-            const float al = __expf(m_run[k] - m_new);
-            l_run[k] = l_run[k] * al + sum;
-            m_run[k] = m_new;
+            const float al = softmax_chunk(p[g], n, m_run[k], l_run[k], lane);
             if (lane == 0) alpha[g] = al;
         }
         __syncthreads();
