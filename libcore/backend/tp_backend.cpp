@@ -6,9 +6,12 @@
 // device stays current there); the logits of the ranks are gathered by
 // vocabulary slice.
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "backend/backend.hpp"
@@ -167,6 +170,15 @@ private:
             }
             // A rank that failed would leave the others waiting in a
             // collective for ever: end the group so they return too.
+            if (err && trace_) {
+                try {
+                    std::rethrow_exception(err);
+                } catch (const std::exception& e) {
+                    std::fprintf(stderr, "[rank %d] failed: %s\n", r, e.what());
+                } catch (...) {
+                    std::fprintf(stderr, "[rank %d] failed\n", r);
+                }
+            }
             if (err)
                 for (auto& b : ranks_)
                     if (b) b->abort_collectives();
@@ -177,6 +189,10 @@ private:
     }
 
     ModelConfig cfg_;
+    const bool trace_ = [] {
+        const char* t = std::getenv("TM_TP_TRACE");
+        return t && std::string(t) == "1";
+    }();  // TM_TP_TRACE=1: a failing rank's error on standard error as it happens
     std::shared_ptr<void> keep_;  // what the ranks share (a LocalGroup)
     bool vocab_split_ = false;
     std::vector<std::unique_ptr<Backend>> ranks_;

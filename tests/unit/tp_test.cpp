@@ -168,7 +168,9 @@ TEST(TensorParallel, AFailingRankEndsTheGroupInsteadOfHanging) {
     tmc::CpuBackendOptions o;
     o.threads = 2;
     o.observer = &r0;
+    setenv("TM_TP_TRACE", "1", 1);  // the failing rank says so on standard error
     auto be = tmc::make_cpu_tp_backend(*w.ws, o);
+    unsetenv("TM_TP_TRACE");
     tmc::BackendLimits lim;
     lim.num_blocks = 16, lim.block_size = 4, lim.max_batch_tokens = 16, lim.max_logit_rows = 16, lim.max_context = 64;
     be->init(lim);
@@ -180,7 +182,9 @@ TEST(TensorParallel, AFailingRankEndsTheGroupInsteadOfHanging) {
     p.positions = {0, 1, 2, 3};
     p.logit_rows = {3};
     p.seqs.push_back(q);
+    testing::internal::CaptureStderr();
     EXPECT_THROW(be->forward(p), tmc::Error);
+    EXPECT_NE(testing::internal::GetCapturedStderr().find("failed:"), std::string::npos);
     r1.fail = false;
     EXPECT_THROW(be->forward(p), tmc::Error);  // the group is gone
 }
