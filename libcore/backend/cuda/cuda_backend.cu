@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -130,6 +131,7 @@ private:
     std::unique_ptr<Communicator> comm_;  // tp > 1
     std::atomic<bool> abort_requested_{false};
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
+    long tp_timeout_s_ = 600;  // TM_TP_TIMEOUT: a step's longest wait before the group is ended
     void wait(const char* what);
     cuda::StepProfile prof_;  // TM_CUDA_PROFILE=1
     DevBuf<uint16_t> kv_;
@@ -198,6 +200,12 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     if (const char* g = std::getenv("TM_CUDA_PROFILE"); g && std::string(g) == "1") {
         prof_.enable(cfg_.num_layers * 11 + 8);
         graphs_enabled_ = false;  // events are timed outside graphs only
+    }
+    if (const char* g = std::getenv("TM_TP_TIMEOUT")) {
+        char* end = nullptr;
+        const long v = std::strtol(g, &end, 10);
+        if (end == g || *end || v <= 0) throw Error("TM_TP_TIMEOUT must be a positive number of seconds");
+        tp_timeout_s_ = v;
     }
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -353,14 +361,20 @@ void CudaBackend::wait(const char* what) {
         check(cudaStreamSynchronize(stream_), what);
         return;
     }
+    const auto t0 = std::chrono::steady_clock::now();
     for (;;) {
         const cudaError_t e = cudaStreamQuery(stream_);
         if (e == cudaSuccess) return;
         if (e != cudaErrorNotReady) check(e, what);
-        if (abort_requested_.load()) {
+        const bool late = std::chrono::steady_clock::now() - t0 > std::chrono::seconds(tp_timeout_s_);
+        if (abort_requested_.load() || late) {
+            abort_requested_.store(true);
             comm_->abort();
             cudaStreamSynchronize(stream_);
             (void)cudaGetLastError();
+            if (late)
+                throw Error("a tensor-parallel step did not finish within " + std::to_string(tp_timeout_s_) +
+                            " s (a rank stopped; TM_TP_TIMEOUT sets the limit)");
             throw Error("the tensor-parallel group was ended after an error on another rank");
         }
         std::this_thread::yield();
