@@ -260,7 +260,9 @@ TEST(Kernels, SampleRowsFollowTheFilteredDistribution) {
 // the same (bf16-rounded) K/V, ragged rows over several sequences.
 TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
     struct Shape { int nq, nkv, hd, bs, window; };
-    for (Shape sh : {Shape{6, 2, 64, 16, 0}, Shape{32, 8, 128, 64, 0}, Shape{4, 4, 16, 4, 0}, Shape{28, 4, 128, 32, 37}}) {
+    // GQA groups 3, 4, 1, 7 and 8 (the decode kernel's largest), head_dim 16 to 128, a sliding window.
+    for (Shape sh : {Shape{6, 2, 64, 16, 0}, Shape{32, 8, 128, 64, 0}, Shape{4, 4, 16, 4, 0}, Shape{28, 4, 128, 32, 37},
+                     Shape{16, 16, 64, 16, 0}, Shape{8, 1, 128, 16, 0}}) {
         const int layers = 2, layer = 1;
         // Three sequences: lengths after this step, rows this step.
         std::vector<int> ctx = {1, 77, 130}, rows = {1, 5, 130};
