@@ -1,10 +1,13 @@
-// Attention over the paged KV cache, for prefill chunks and decode alike:
-// one block per (row, KV head) computes all `group` query heads that share
-// the KV head (GQA: each K/V vector is read once per group), over the row's
-// visible positions, in chunks of 64 keys with an online softmax (fp32).
-// Reads 2 x head_dim x 2 bytes per visible position per (row, KV head).
-// This is the straightforward version: no tensor cores, no split along the
-// sequence; the bound it should reach is HBM bandwidth on those reads.
+// Attention over the paged KV cache, online softmax in fp32, GQA-aware
+// (each block computes all `group` query heads of its KV head, so each K/V
+// vector is read once per group):
+//   - row by row (decode, and prompt chunks of under 4 rows), optionally split
+//     along the sequence with a merge kernel: paged_decode_k for 16-bit
+//     caches of head_dim 64 or 128 (double-buffered asynchronous copies),
+//     paged_attention_k for the rest (quantized caches, other head sizes);
+//   - in tiles of up to 64 query vectors of one sequence (prompt chunks):
+//     paged_attention_mma_k on tensor cores, or paged_attention_tiled_k on
+//     CUDA cores (TM_CUDA_MMA_ATTENTION=0).
 #include <algorithm>
 #include <atomic>
 #include <cfloat>

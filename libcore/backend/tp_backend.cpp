@@ -40,8 +40,7 @@ class TpBackend final : public Backend {
 public:
     TpBackend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep)
         : cfg_(full), keep_(std::move(keep)), ranks_(size_t(tp)), outs_(size_t(tp), nullptr) {
-        const TpSplit sp = TpSplit::make(cfg_, tp);
-        vocab_split_ = sp.vocab_split && !cfg_.tie_word_embeddings;
+        vocab_split_ = rank_shape(cfg_, tp).out_rows != cfg_.vocab_size;  // each rank a slice of the logits
         for (int r = 0; r < tp; ++r) workers_.emplace_back([this, r] { worker(r); });
         // Built on the ranks' threads, together (NCCL ranks wait for each other).
         try {

@@ -281,12 +281,14 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
     std::vector<float> kv_params;
     if (kv_quant != 0 && im->ws->engine().kv_static) kv_params = static_kv_params(*im->ws, kv_quant);
+    bool on_gpu = false;
     if (gpu) {
         try {
             CudaBackendOptions cbo;
             cbo.kv_quant = kv_quant;
             cbo.kv_params = kv_params;
             im->backend = make_cuda_tp_backend(*im->ws, cbo);
+            on_gpu = true;
         } catch (const Error& e) {
             if (device == "cuda") throw;
             if (opt.log) opt.log(std::string("CUDA backend unavailable (") + e.what() + "); using the CPU");
@@ -309,7 +311,6 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     const size_t per_token = im->backend->kv_bytes_per_token();
     // Default step budget: 512 tokens on the CPU, 4096 on a GPU (whose
     // prefill is efficient in large chunks; the figures of scripts/bench-gpu.sh).
-    const bool on_gpu = im->backend->name().rfind("cuda", 0) == 0;
     const int batch_tokens = opt.max_batch_tokens > 0 ? opt.max_batch_tokens : on_gpu ? 4096 : 512;
     int64_t tokens = opt.cache_tokens;
     if (tokens <= 0) {

@@ -384,11 +384,6 @@ void CudaBackend::wait(const char* what) {
 float* CudaBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
     trace("forward rows", T);
-    // Each launch is checked with cudaGetLastError, which also returns an
-    // earlier failed runtime call of this thread that its caller handled
-    // (NCCL's peer-access setup leaves cudaErrorPeerAccessAlreadyEnabled):
-    // start from a clean slate (a sticky error still shows at the next call).
-    (void)cudaGetLastError();
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
         throw Error("cuda backend: batch plan outside the limits it was initialized with");
     // Attention work: sequences with several rows this step go in tiles of

@@ -56,7 +56,10 @@ public:
         static_assert(sizeof(u.internal) == std::tuple_size<NcclId>::value);
         std::memcpy(u.internal, id.data(), id.size());
         check(nccl().comm_init_rank(&comm_, n, u, rank), "ncclCommInitRank");
-        (void)cudaGetLastError();  // what NCCL's own CUDA calls left (it reports through its result)
+        // NCCL reports through its result; a CUDA call it made and handled
+        // (peer access already enabled, say) would otherwise stay this
+        // thread's last error and fail the backend's next launch check.
+        (void)cudaGetLastError();
         try {
             warm_up();
         } catch (...) {
