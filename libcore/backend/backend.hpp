@@ -112,6 +112,7 @@ struct ForwardObserver {
 };
 
 class Communicator;
+class HostBarrier;
 
 struct CpuBackendOptions {
     int threads = 0;   // 0: all cores
@@ -146,6 +147,9 @@ struct CudaBackendOptions {
     // builds its communicator on the backend's stream (a cudaStream_t).
     int tp = 1, rank = 0;
     std::function<std::unique_ptr<Communicator>(void* stream)> make_comm;
+    // The ranks' threads meet here around each collective of a step run
+    // kernel by kernel (see CudaBackend::sync_ranks).
+    std::shared_ptr<HostBarrier> barrier;
 };
 
 // Throws tmc::Error when this build has no CUDA or the device/cuBLAS is unusable.

@@ -26,6 +26,26 @@ public:
     virtual void abort() {}
 };
 
+// A barrier of n threads (the ranks of one process), reusable: the last to
+// arrive releases the others. The wait spins a little (ranks arrive within
+// microseconds of each other), then sleeps in short naps. abort() breaks it:
+// every thread waiting (or arriving later) throws tmc::Error; so does one
+// that waits longer than the timeout (0: none).
+class HostBarrier {
+public:
+    explicit HostBarrier(int n, long timeout_s = 0) : n_(n), timeout_s_(timeout_s) {}
+    void arrive_and_wait();
+    void abort();
+    bool aborted() const { return aborted_.load(); }
+
+private:
+    const int n_;
+    const long timeout_s_;
+    std::atomic<int> arrived_{0};
+    std::atomic<uint32_t> generation_{0};
+    std::atomic<bool> aborted_{false};
+};
+
 // N ranks as threads sharing memory. Each rank's thread uses comm(rank).
 class LocalGroup {
 public:
@@ -39,11 +59,8 @@ public:
 private:
     class Rank;
     friend class Rank;
-    void arrive_and_wait();  // a barrier of the n ranks that abort() breaks
     int n_;
-    std::atomic<int> arrived_{0};
-    std::atomic<uint32_t> generation_{0};
-    std::atomic<bool> aborted_{false};
+    HostBarrier barrier_;
     std::vector<float*> ptrs_;
     std::vector<std::unique_ptr<Rank>> ranks_;
 };

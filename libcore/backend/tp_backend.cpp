@@ -5,6 +5,7 @@
 // same batch plan on its own thread (the thread that built it: a CUDA rank's
 // device stays current there); the logits of the ranks are gathered by
 // vocabulary slice.
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -72,7 +73,12 @@ public:
         return b;
     }
     size_t default_kv_bytes(double f, int t) const override {
-        return ranks_[0]->default_kv_bytes(f, t) * ranks_.size();  // each rank's device alike
+        // Each rank asks about its own device, on its own thread (where that
+        // device is current); every rank holds the same share of the pool, so
+        // the rank with the least free memory sets it.
+        std::vector<size_t> b(ranks_.size());
+        const_cast<TpBackend*>(this)->run_all([&](int r) { b[size_t(r)] = ranks_[size_t(r)]->default_kv_bytes(f, t); });
+        return *std::min_element(b.begin(), b.end()) * ranks_.size();
     }
 
     void init(const BackendLimits& limits) override {

@@ -2,6 +2,8 @@
 // a workspace converted with --tp N gives the logits of --tp 1 within 1e-4
 // and the same greedy tokens, on every architecture, replicated KV heads
 // included; the engine refuses a workspace run with another tp.
+#include <atomic>
+#include <chrono>
 #include <random>
 #include <thread>
 
@@ -52,6 +54,36 @@ TEST(LocalGroup, AllReduceSumsInRankOrder) {
         for (int r = 0; r < n; ++r)
             for (float x : bufs[size_t(r)]) ASSERT_EQ(x, want) << "n " << n << " rank " << r;
     }
+}
+
+// The barrier the GPU ranks meet at around each collective: reusable, and
+// it ends (an error, not a hang) when broken or when a rank never comes.
+TEST(HostBarrier, ReleasesTogetherAndEndsOnAbortOrTimeout) {
+    tmc::HostBarrier b(3);
+    std::atomic<int> before{0};
+    std::vector<std::thread> th;
+    std::atomic<bool> ordered{true};
+    for (int r = 0; r < 3; ++r)
+        th.emplace_back([&] {
+            for (int rep = 0; rep < 200; ++rep) {
+                before.fetch_add(1);
+                b.arrive_and_wait();
+                if (before.load() < 3 * (rep + 1)) ordered = false;
+                b.arrive_and_wait();
+            }
+        });
+    for (auto& t : th) t.join();
+    EXPECT_TRUE(ordered.load());
+
+    tmc::HostBarrier ab(2);
+    std::thread waiter([&] { EXPECT_THROW(ab.arrive_and_wait(), tmc::Error); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ab.abort();
+    waiter.join();
+    EXPECT_THROW(ab.arrive_and_wait(), tmc::Error);
+
+    tmc::HostBarrier late(2, 1);
+    EXPECT_THROW(late.arrive_and_wait(), tmc::Error);  // the other rank never comes: 1 s
 }
 
 TEST(TensorParallel, LogitsMatchOneRankOnEveryArchitecture) {
