@@ -150,4 +150,19 @@ int attention_tile_rows(int group);
 bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles,
                            int n_tiles, cudaStream_t s);
 
+// One-shot all-reduce through peer memory (kernels/p2p_allreduce.cu) for the
+// ranks of one process, one GPU each, peer access enabled both ways. data[r]
+// is rank r's buffer (capacity floats, 16-byte aligned), flags[r] its
+// p2p_flag_words() words (zeroed once), abort a host-mapped word that ends
+// the kernel's waits when set. Returns false (nothing enqueued) when n does
+// not fit (over capacity, not a multiple of 4, x unaligned).
+constexpr int kP2pMaxRanks = 8, kP2pMaxBlocks = 32;
+struct P2pPeers {
+    float* data[kP2pMaxRanks];
+    uint32_t* flags[kP2pMaxRanks];
+    const uint32_t* abort;
+};
+size_t p2p_flag_words();
+bool p2p_all_reduce(float* x, size_t n, const P2pPeers& peers, int rank, int nranks, size_t capacity, cudaStream_t s);
+
 }  // namespace tmc::cuda

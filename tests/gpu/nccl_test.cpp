@@ -3,8 +3,11 @@
 // and replayed (how decode steps use it).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <random>
 #include <thread>
 
+#include "backend/comm.hpp"
 #include "backend/cuda/nccl_comm.hpp"
 
 namespace {
@@ -56,6 +59,87 @@ TEST(Nccl, AllReduceAcrossEveryGpuAndInAGraph) {
         ASSERT_EQ(errors[size_t(r)], "") << "rank " << r;
         for (float x : got[size_t(r)]) ASSERT_EQ(x, want) << "rank " << r << " of " << n;
     }
+}
+
+// The peer-memory path (a PeerGroup): sizes it takes and sizes it leaves to
+// NCCL (not a multiple of 4, over its capacity), eager and replayed in a
+// graph, every rank's result the host's sum in rank order, bit for bit.
+TEST(Nccl, PeerAllReduceMatchesTheSumInRankOrder) {
+    int n = 0;
+    ASSERT_EQ(cudaSuccess, cudaGetDeviceCount(&n));
+    if (n < 2) GTEST_SKIP() << "one GPU";
+    setenv("TM_CUDA_P2P_ALLREDUCE", "1", 1);  // the path under test (off by default)
+    const auto id = tmc::cuda::nccl_unique_id();
+    auto peers = tmc::cuda::make_peer_group(n);
+    tmc::HostBarrier meet(n, 60);
+    const std::vector<size_t> sizes = {4096, 8, 4099, 65536, 262144, 262148, 4096 * 3};
+    std::vector<std::vector<std::vector<float>>> in(static_cast<size_t>(n)), got(static_cast<size_t>(n));
+    std::vector<std::string> errors(static_cast<size_t>(n));
+    const int graph_reps = 5;
+    std::vector<std::thread> th;
+    for (int r = 0; r < n; ++r)
+        th.emplace_back([&, r] {
+            try {
+                cudaSetDevice(r);
+                cudaStream_t s;
+                cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+                auto comm = tmc::cuda::nccl_communicator(id, r, n, s, peers);
+                std::mt19937 g(unsigned(1234 + r));
+                std::uniform_real_distribution<float> u(-1, 1);
+                float* d = nullptr;
+                cudaMalloc(&d, 262148 * 4);
+                for (size_t k = 0; k < sizes.size(); ++k) {
+                    std::vector<float> h(sizes[k]);
+                    for (auto& x : h) x = u(g);
+                    in[size_t(r)].push_back(h);
+                    cudaMemcpy(d, h.data(), h.size() * 4, cudaMemcpyHostToDevice);
+                    meet.arrive_and_wait();  // as the backend does: no rank in a copy while a peer waits
+                    comm->all_reduce_sum(d, h.size());
+                    meet.arrive_and_wait();
+                    cudaStreamSynchronize(s);
+                    cudaMemcpy(h.data(), d, h.size() * 4, cudaMemcpyDeviceToHost);
+                    got[size_t(r)].push_back(h);
+                }
+                // In a graph, replayed: ones copied in, summed twice (n * n).
+                std::vector<float> ones(4096, 1.0f), back(4096);
+                float* d1 = nullptr;
+                cudaMalloc(&d1, 4096 * 4);
+                cudaMemcpy(d1, ones.data(), 4096 * 4, cudaMemcpyHostToDevice);
+                cudaGraph_t gr;
+                cudaGraphExec_t ex;
+                cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+                cudaMemcpyAsync(d, d1, 4096 * 4, cudaMemcpyDeviceToDevice, s);
+                comm->all_reduce_sum(d, 4096);
+                comm->all_reduce_sum(d, 4096);
+                cudaStreamEndCapture(s, &gr);
+                cudaGraphInstantiate(&ex, gr, 0);
+                meet.arrive_and_wait();
+                for (int i = 0; i < graph_reps; ++i) cudaGraphLaunch(ex, s);
+                cudaStreamSynchronize(s);
+                cudaMemcpy(back.data(), d, 4096 * 4, cudaMemcpyDeviceToHost);
+                got[size_t(r)].push_back(back);
+                if (cudaGetLastError() != cudaSuccess) errors[size_t(r)] = "a CUDA call failed";
+                cudaGraphExecDestroy(ex), cudaGraphDestroy(gr), cudaFree(d), cudaFree(d1), cudaStreamDestroy(s);
+            } catch (const std::exception& ex) {
+                errors[size_t(r)] = ex.what();
+            }
+        });
+    for (auto& t : th) t.join();
+    unsetenv("TM_CUDA_P2P_ALLREDUCE");
+    for (int r = 0; r < n; ++r) ASSERT_EQ(errors[size_t(r)], "") << "rank " << r;
+    for (size_t k = 0; k < sizes.size(); ++k)
+        for (size_t i = 0; i < sizes[k]; ++i) {
+            float want = in[0][k][i];
+            for (int r = 1; r < n; ++r) want += in[size_t(r)][k][i];
+            for (int r = 0; r < n; ++r)
+                if (sizes[k] % 4 == 0 && sizes[k] <= 262144) {
+                    ASSERT_EQ(got[size_t(r)][k][i], want) << "size " << sizes[k] << " index " << i << " rank " << r;
+                } else {
+                    ASSERT_NEAR(got[size_t(r)][k][i], want, 1e-5f) << "size " << sizes[k] << " (NCCL) rank " << r;
+                }
+        }
+    for (int r = 0; r < n; ++r)
+        for (float x : got[size_t(r)].back()) ASSERT_EQ(x, float(n * n)) << "graph, rank " << r;
 }
 
 }  // namespace

@@ -33,6 +33,8 @@ namespace tmc {
 
 namespace {
 
+long tp_timeout_seconds();
+
 void check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw Error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
@@ -83,6 +85,7 @@ public:
     void abort_collectives() override {
         if (!comm_) return;
         abort_requested_.store(true);
+        if (barrier_) barrier_->abort();
         if (std::this_thread::get_id() == owner_) comm_->abort();
     }
 
@@ -133,6 +136,10 @@ private:
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
     long tp_timeout_s_ = 600;  // TM_TP_TIMEOUT: a step's longest wait before the group is ended
     void wait(const char* what);
+    [[noreturn]] void end_group(bool late);
+    void sync_ranks();
+    std::shared_ptr<HostBarrier> barrier_;  // tp > 1: shared by the ranks
+    bool capturing_ = false;                // a decode graph is being captured
     cuda::StepProfile prof_;  // TM_CUDA_PROFILE=1
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
@@ -201,12 +208,8 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
         prof_.enable(cfg_.num_layers * 11 + 8);
         graphs_enabled_ = false;  // events are timed outside graphs only
     }
-    if (const char* g = std::getenv("TM_TP_TIMEOUT")) {
-        char* end = nullptr;
-        const long v = std::strtol(g, &end, 10);
-        if (end == g || *end || v <= 0) throw Error("TM_TP_TIMEOUT must be a positive number of seconds");
-        tp_timeout_s_ = v;
-    }
+    tp_timeout_s_ = tp_timeout_seconds();
+    barrier_ = opt.barrier;
     if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
@@ -346,6 +349,16 @@ struct MetaLayout {
     size_t tokens, positions, row_seq, lrows, boff, single, tiles, blocks, total;
 };
 
+// TM_TP_TIMEOUT: the longest a tensor-parallel rank waits for the others.
+long tp_timeout_seconds() {
+    const char* g = std::getenv("TM_TP_TIMEOUT");
+    if (!g) return 600;
+    char* end = nullptr;
+    const long v = std::strtol(g, &end, 10);
+    if (end == g || *end || v <= 0) throw Error("TM_TP_TIMEOUT must be a positive number of seconds");
+    return v;
+}
+
 // Decode batches padded up to these sizes share one captured graph.
 int graph_bucket(int T) {
     if (T <= 4) return T <= 1 ? 1 : T <= 2 ? 2 : 4;
@@ -367,17 +380,43 @@ void CudaBackend::wait(const char* what) {
         if (e == cudaSuccess) return;
         if (e != cudaErrorNotReady) check(e, what);
         const bool late = std::chrono::steady_clock::now() - t0 > std::chrono::seconds(tp_timeout_s_);
-        if (abort_requested_.load() || late) {
-            abort_requested_.store(true);
-            comm_->abort();
-            cudaStreamSynchronize(stream_);
-            (void)cudaGetLastError();
-            if (late)
-                throw Error("a tensor-parallel step did not finish within " + std::to_string(tp_timeout_s_) +
-                            " s (a rank stopped; TM_TP_TIMEOUT sets the limit)");
-            throw Error("the tensor-parallel group was ended after an error on another rank");
-        }
+        if (abort_requested_.load() || late) end_group(late);
         std::this_thread::yield();
+    }
+}
+
+// Ends the group from this rank's thread: its communicator aborted (pending
+// collectives return), the barrier broken for the other ranks.
+void CudaBackend::end_group(bool late) {
+    abort_requested_.store(true);
+    if (barrier_) barrier_->abort();
+    comm_->abort();
+    cudaStreamSynchronize(stream_);
+    (void)cudaGetLastError();
+    if (late)
+        throw Error("a tensor-parallel step did not finish within " + std::to_string(tp_timeout_s_) +
+                    " s (a rank stopped; TM_TP_TIMEOUT sets the limit)");
+    throw Error("the tensor-parallel group was ended after an error on another rank");
+}
+
+// The ranks are threads of one process, and a CUDA call that changes a
+// device's page tables (a module that cuBLAS loads on a GEMM shape's first
+// use, a graph's instantiation, an allocation) takes a lock of the process
+// and can wait for the devices' work. If one rank's GPU is already spinning
+// in a collective that waits for another rank, and that rank's thread is
+// inside such a call before enqueuing its side, neither goes on (seen on
+// 2 x H100: every --tp 2 run hung in its first step). So in steps run kernel
+// by kernel the ranks meet before each collective is enqueued (every earlier
+// collective is then enqueued on every rank and can finish) and after it
+// (every rank has enqueued this one before any goes on to such a call); and
+// before a newly captured graph is first launched. A captured graph's replay
+// enqueues its collectives without the host, so it needs no meeting.
+void CudaBackend::sync_ranks() {
+    if (!barrier_ || capturing_) return;
+    try {
+        barrier_->arrive_and_wait();
+    } catch (const Error&) {
+        end_group(!abort_requested_.load());
     }
 }
 
@@ -463,15 +502,19 @@ float* CudaBackend::forward(const BatchPlan& plan) {
             cudaGraph_t graph;
             trace("capture rows", Tp);
             check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
+            capturing_ = true;
             try {
                 run(Tp, Tp, size_t(Tp), 0, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
             } catch (...) {
+                capturing_ = false;
                 cudaStreamEndCapture(stream_, &graph);
                 throw;
             }
+            capturing_ = false;
             check(cudaStreamEndCapture(stream_, &graph), "graph capture");
             check(cudaGraphInstantiate(&exec, graph, 0), "graph instantiate");
             cudaGraphDestroy(graph);
+            sync_ranks();  // every rank's graph instantiated before any runs
         }
         trace("graph launch rows", Tp);
         check(cudaGraphLaunch(exec, stream_), "graph launch");
@@ -531,7 +574,9 @@ void CudaBackend::add_projection(const DevWeight& w, const void* in, int T) {
     gemm(w, in, T, x_.p, CUDA_R_32F, H, rank_ == 0 ? 1.0f : 0.0f);
     prof_.mark(prof_.kGemm);
     trace("all-reduce rows", T);
+    sync_ranks();
     comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
+    sync_ranks();
     prof_.mark(prof_.kAllReduce);
 }
 
@@ -627,14 +672,17 @@ std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBac
         bool failed = false;
     };
     auto gate = std::make_shared<Gate>();
+    auto barrier = std::make_shared<HostBarrier>(tp, tp_timeout_seconds());
+    auto peers = cuda::make_peer_group(tp);
     return make_tp_backend(ws.model(), tp, [=](int r) {
         CudaBackendOptions o = opt;
         o.device = r;
         o.tp = tp;
         o.rank = r;
+        o.barrier = barrier;
         if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
         bool passed = false;
-        o.make_comm = [id, r, tp, gate, &passed](void* stream) {
+        o.make_comm = [id, r, tp, gate, peers, &passed](void* stream) {
             {
                 std::unique_lock<std::mutex> lk(gate->mu);
                 ++gate->arrived;
@@ -643,7 +691,7 @@ std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBac
                 if (gate->failed) throw Error("another tensor-parallel rank failed to start");
                 passed = true;
             }
-            return cuda::nccl_communicator(id, r, tp, static_cast<cudaStream_t>(stream));
+            return cuda::nccl_communicator(id, r, tp, static_cast<cudaStream_t>(stream), peers);
         };
         try {
             return make_cuda_backend(*w, o);

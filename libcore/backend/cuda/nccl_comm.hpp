@@ -19,9 +19,20 @@ using NcclId = std::array<char, 128>;
 // A fresh id for one group (call once, share with every rank's thread).
 NcclId nccl_unique_id();
 
+// What the ranks of one process share to sum small messages through peer
+// memory (kernels/p2p_allreduce.cu) instead of NCCL: made once, passed to
+// every rank's nccl_communicator.
+struct PeerGroup;
+std::shared_ptr<PeerGroup> make_peer_group(int n);
+
 // Rank `rank` of `n`: call on the rank's thread with its device current.
 // all_reduce_sum(x, n) sums device memory in place, enqueued on `stream`
-// (capturable in a CUDA graph); it does not synchronize.
-std::unique_ptr<Communicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream);
+// (capturable in a CUDA graph); it does not synchronize. With `peers` (every
+// rank the same group, all ranks' threads calling together), peer access
+// between every pair of GPUs and TM_CUDA_P2P_ALLREDUCE=1, messages up to
+// 256 K floats go through peer memory (kernels/p2p_allreduce.cu); otherwise
+// every message goes to NCCL (the default: NCCL is faster in graphs today).
+std::unique_ptr<Communicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream,
+                                                std::shared_ptr<PeerGroup> peers = nullptr);
 
 }  // namespace tmc::cuda
