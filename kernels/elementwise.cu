@@ -2,6 +2,10 @@
 // its rows, memory-bound: embedding reads 2 bytes and writes 4 per element,
 // RMSNorm reads 4 and writes 2 (plus the weight, cached), SiLU-mul reads 4
 // and writes 2. One block per row.
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "kernels/common.cuh"
 #include "kernels/kernels.cuh"
 
@@ -18,6 +22,42 @@ __global__ void embedding_k(const T* emb, const int* tokens, int H, float* x) {
         x[size_t(t) * H + i] = to_f(row[i]);
 }
 
+// The same with H a multiple of 4 and at most kNormVec float4 a thread: the
+// row read once into registers (16-byte loads), 8-byte stores.
+constexpr int kNormVec = 4;
+template <class T>
+__global__ void rmsnorm4_k(const float* x, const int* rows, int H, const T* w, float eps, T* out) {
+    const int r = blockIdx.x, H4 = H / 4;
+    const float4* xr = reinterpret_cast<const float4*>(x + size_t(rows ? rows[r] : r) * H);
+    float4 v[kNormVec];
+    float ss = 0;
+#pragma unroll
+    for (int j = 0; j < kNormVec; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = i < H4 ? xr[i] : make_float4(0, 0, 0, 0);
+        ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    }
+    ss = block_sum(ss);
+    const float scale = rsqrtf(ss / float(H) + eps);
+    struct alignas(8) Four {
+        T e[4];
+    };
+    const Four* w4 = reinterpret_cast<const Four*>(w);
+    Four* o4 = reinterpret_cast<Four*>(out + size_t(r) * H);
+#pragma unroll
+    for (int j = 0; j < kNormVec; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i >= H4) break;
+        const Four g = w4[i];
+        Four o;
+        o.e[0] = from_f<T>(v[j].x * scale * to_f(g.e[0]));
+        o.e[1] = from_f<T>(v[j].y * scale * to_f(g.e[1]));
+        o.e[2] = from_f<T>(v[j].z * scale * to_f(g.e[2]));
+        o.e[3] = from_f<T>(v[j].w * scale * to_f(g.e[3]));
+        o4[i] = o;
+    }
+}
+
 template <class T>
 __global__ void rmsnorm_k(const float* x, const int* rows, int H, const T* w, float eps, T* out) {
     const int r = blockIdx.x;
@@ -26,7 +66,8 @@ __global__ void rmsnorm_k(const float* x, const int* rows, int H, const T* w, fl
     for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
     ss = block_sum(ss);
     const float scale = rsqrtf(ss / float(H) + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x) out[size_t(r) * H + i] = from_f<T>(xr[i] * scale * to_f(w[i]));
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        out[size_t(r) * H + i] = from_f<T>(xr[i] * scale * to_f(w[i]));
 }
 
 template <class T>
@@ -36,6 +77,28 @@ __global__ void silu_mul_k(const T* gu, int I, T* out) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
         float a = to_f(g[i]);
         out[size_t(t) * I + i] = from_f<T>(a / (1.0f + __expf(-a)) * to_f(g[I + i]));
+    }
+}
+
+// The same with 16-byte loads and stores (8 elements a thread), when I is a
+// multiple of 8: the whole [rows, I] output is one flat range of vectors.
+template <class T>
+__global__ void silu_mul8_k(const uint4* gu, int I8, size_t n8, uint4* out) {
+    for (size_t v = size_t(blockIdx.x) * blockDim.x + threadIdx.x; v < n8;
+         v += size_t(gridDim.x) * blockDim.x) {
+        const size_t t = v / size_t(I8), i = v - t * size_t(I8);
+        const uint4 a = __ldcs(gu + t * 2 * size_t(I8) + i),
+                    b = __ldcs(gu + (t * 2 + 1) * size_t(I8) + i);
+        const T* ga = reinterpret_cast<const T*>(&a);
+        const T* ub = reinterpret_cast<const T*>(&b);
+        uint4 o;
+        T* op = reinterpret_cast<T*>(&o);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const float x = to_f(ga[k]);
+            op[k] = from_f<T>(x / (1.0f + __expf(-x)) * to_f(ub[k]));
+        }
+        out[v] = o;
     }
 }
 
@@ -49,7 +112,8 @@ __global__ void argmax_rows_k(const float* x, int V, int* out, float* vals) {
     int idx = V;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         const float v = r[i];
-        if (v > best || (v == best && i < idx) || (idx == V && v == v)) best = v, idx = i;  // NaN never wins
+        if (v > best || (v == best && i < idx) || (idx == V && v == v))
+            best = v, idx = i;  // NaN never wins
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -75,6 +139,15 @@ __global__ void argmax_rows_k(const float* x, int V, int* out, float* vals) {
     }
 }
 
+// TM_CUDA_VECTOR_ELEMENTWISE=0: RMSNorm and SiLU-mul by the scalar kernels.
+bool vectorized() {
+    static const bool on = [] {
+        const char* g = std::getenv("TM_CUDA_VECTOR_ELEMENTWISE");
+        return !(g && std::string(g) == "0");
+    }();
+    return on;
+}
+
 }  // namespace
 
 void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s, float* vals) {
@@ -85,21 +158,49 @@ void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s, float* 
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s) {
     if (T == 0) return;
     dim3 grid((H + 255) / 256, T);
-    TM_DISPATCH_DT(dt, W, embedding_k<W><<<grid, 256, 0, s>>>(static_cast<const W*>(emb), tokens, H, x));
+    TM_DISPATCH_DT(dt, W,
+                   embedding_k<W><<<grid, 256, 0, s>>>(static_cast<const W*>(emb), tokens, H, x));
 }
 
-void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
-             cudaStream_t s) {
+void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps,
+             void* out, cudaStream_t s) {
     if (R == 0) return;
     // One block per row, wide enough that a single row is not latency-bound.
     const int threads = H >= 4096 ? 1024 : H >= 1024 ? 512 : 256;
-    TM_DISPATCH_DT(dt, W, rmsnorm_k<W><<<R, threads, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps, static_cast<W*>(out)));
+    const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(w) % 8 == 0 &&
+                         reinterpret_cast<uintptr_t>(out) % 8 == 0;
+    if (vectorized() && aligned && H % 4 == 0) {
+        // kNormVec float4 a thread (H = 4096: 256 threads), in whole warps.
+        const int per = (H / 4 + kNormVec - 1) / kNormVec;
+        const int t = std::max(32, (per + 31) / 32 * 32);
+        if (t <= 1024) {
+            TM_DISPATCH_DT(dt, W,
+                           rmsnorm4_k<W><<<R, t, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps,
+                                                         static_cast<W*>(out)));
+            return;
+        }
+    }
+    TM_DISPATCH_DT(dt, W,
+                   rmsnorm_k<W><<<R, threads, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps,
+                                                      static_cast<W*>(out)));
 }
 
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s) {
     if (T == 0) return;
+    if (vectorized() && I % 8 == 0 && reinterpret_cast<uintptr_t>(gu) % 16 == 0 &&
+        reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+        const size_t n8 = size_t(T) * size_t(I / 8);
+        const int blocks = int(std::min<size_t>((n8 + 255) / 256, size_t(132) * 16));
+        TM_DISPATCH_DT(dt, W,
+                       silu_mul8_k<W><<<blocks, 256, 0, s>>>(static_cast<const uint4*>(gu), I / 8,
+                                                             n8, static_cast<uint4*>(out)));
+        return;
+    }
     dim3 grid((I + 255) / 256, T);
-    TM_DISPATCH_DT(dt, W, silu_mul_k<W><<<grid, 256, 0, s>>>(static_cast<const W*>(gu), I, static_cast<W*>(out)));
+    TM_DISPATCH_DT(dt, W,
+                   silu_mul_k<W>
+                   <<<grid, 256, 0, s>>>(static_cast<const W*>(gu), I, static_cast<W*>(out)));
 }
 
 }  // namespace tmc::cuda
