@@ -594,6 +594,21 @@ TEST(CudaBackend, QuantizedKvCacheMatchesCpu) {
 // Tensor parallelism over GPUs 0 .. tp-1 (NCCL): the logits of a --tp 2
 // workspace against --tp 1 on the same GPUs, prefill then graph-replayed
 // decode steps. Needs two GPUs.
+// One plan through --tp 1 and --tp 2 (one logit row): the --tp 2 logits
+// within the GPU tests' bound of --tp 1's (kept in `want`); returns --tp 2's.
+const float* run_both(tmc::Backend& one, tmc::Backend& two, const tmc::BatchPlan& p, int V,
+                      std::vector<float>& want, const std::string& what) {
+    const float* a = one.forward(p);
+    want.assign(a, a + V);
+    const float* b = two.forward(p);
+    float scale = 0, err = 0;
+    for (int i = 0; i < V; ++i)
+        scale = std::max(scale, std::abs(want[size_t(i)])),
+        err = std::max(err, std::abs(want[size_t(i)] - b[i]));
+    EXPECT_LT(err, 0.05f * scale + 0.05f) << what;
+    return b;
+}
+
 TEST(CudaBackend, TensorParallelMatchesOneRank) {
     int n = 0;
     ASSERT_EQ(cudaSuccess, cudaGetDeviceCount(&n));
@@ -629,14 +644,9 @@ TEST(CudaBackend, TensorParallelMatchesOneRank) {
                 p.tokens.push_back(seq[size_t(i)]), p.positions.push_back(i);
             p.logit_rows.push_back(q.n_rows - 1);
             p.seqs.push_back(q);
-            const float* a = one->forward(p);
-            std::vector<float> want(a, a + V);
-            const float* b = two->forward(p);
-            float scale = 0, err = 0;
-            for (int i = 0; i < V; ++i)
-                scale = std::max(scale, std::abs(want[size_t(i)])),
-                err = std::max(err, std::abs(want[size_t(i)] - b[i]));
-            EXPECT_LT(err, 0.05f * scale + 0.05f) << m << " step " << step;
+            std::vector<float> want;
+            const float* b =
+                run_both(*one, *two, p, V, want, m + std::string(" step ") + std::to_string(step));
             EXPECT_EQ(std::max_element(want.begin(), want.end()) - want.begin(),
                       std::max_element(b, b + V) - b)
                 << m << " step " << step;
@@ -660,14 +670,8 @@ TEST(CudaBackend, TensorParallelMatchesOneRank) {
             for (int i = 0; i < n; ++i) p.tokens.push_back(tokd(rng())), p.positions.push_back(i);
             p.logit_rows.push_back(n - 1);
             p.seqs.push_back(q);
-            const float* a = one->forward(p);
-            std::vector<float> want(a, a + V);
-            const float* b = two->forward(p);
-            float scale = 0, err = 0;
-            for (int i = 0; i < V; ++i)
-                scale = std::max(scale, std::abs(want[size_t(i)])),
-                err = std::max(err, std::abs(want[size_t(i)] - b[i]));
-            EXPECT_LT(err, 0.05f * scale + 0.05f) << m << " prompt of " << n;
+            std::vector<float> want;
+            run_both(*one, *two, p, V, want, m + std::string(" prompt of ") + std::to_string(n));
         }
         std::string cmd = "rm -rf " + dir;
         (void)!system(cmd.c_str());
