@@ -1,7 +1,8 @@
 // Embedding lookup, RMSNorm and SiLU-and-multiply. Each is one pass over
 // its rows, memory-bound: embedding reads 2 bytes and writes 4 per element,
 // RMSNorm reads 4 and writes 2 (plus the weight, cached), SiLU-mul reads 4
-// and writes 2. One block per row.
+// and writes 2. RMSNorm takes a block per row; the others' grids cover
+// elements (SiLU-mul with 16-byte vectors when I allows).
 #include <algorithm>
 #include <cstdlib>
 #include <string>

@@ -28,7 +28,8 @@ public:
 
 // A barrier of n threads (the ranks of one process), reusable: the last to
 // arrive releases the others. The wait spins a little (ranks arrive within
-// microseconds of each other), then sleeps in short naps. abort() breaks it:
+// microseconds of each other), then sleeps (in short naps when there is a
+// timeout, to notice it). abort() breaks it:
 // every thread waiting (or arriving later) throws tmc::Error; so does one
 // that waits longer than the timeout (0: none).
 class HostBarrier {
@@ -36,7 +37,6 @@ public:
     explicit HostBarrier(int n, long timeout_s = 0) : n_(n), timeout_s_(timeout_s) {}
     void arrive_and_wait();
     void abort();
-    bool aborted() const { return aborted_.load(); }
 
 private:
     const int n_;

@@ -6,7 +6,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -53,8 +52,7 @@ constexpr size_t kP2pCapacity = size_t(256) << 10;  // floats: 64 rows of 4096
 }  // namespace
 
 struct PeerGroup {
-    explicit PeerGroup(int n) : n(n), meet(n, 120), data(size_t(n)), flags(size_t(n)), dev(size_t(n)), ok(size_t(n)) {}
-    int n;
+    explicit PeerGroup(int n) : meet(n, 120), data(size_t(n)), flags(size_t(n)), dev(size_t(n)), ok(size_t(n)) {}
     HostBarrier meet;
     std::vector<float*> data;
     std::vector<uint32_t*> flags;
@@ -135,9 +133,8 @@ private:
     // flags; peer access is enabled towards every other GPU; the peer path
     // is used only if every rank managed all of it (the ranks agree).
     void join(PeerGroup& g) {
-        bool ok = true;
         int dev = 0;
-        ok = cudaGetDevice(&dev) == cudaSuccess;
+        bool ok = cudaGetDevice(&dev) == cudaSuccess;
         g.dev[size_t(rank_)] = dev;
         g.meet.arrive_and_wait();
         for (int p = 0; p < n_ && ok; ++p) {
