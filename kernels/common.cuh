@@ -48,6 +48,22 @@ __device__ __forceinline__ float block_reduce(float v) {
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
+// Four 16-bit values (one 8-byte load or store).
+template <class T>
+struct alignas(8) Four {
+    T e[4];
+};
+// o = v * scale * w, elementwise: a row's RMSNorm output from its float4.
+template <class T>
+__device__ __forceinline__ Four<T> scaled4(float4 v, float scale, Four<T> w) {
+    Four<T> o;
+    o.e[0] = from_f<T>(v.x * scale * to_f(w.e[0]));
+    o.e[1] = from_f<T>(v.y * scale * to_f(w.e[1]));
+    o.e[2] = from_f<T>(v.z * scale * to_f(w.e[2]));
+    o.e[3] = from_f<T>(v.w * scale * to_f(w.e[3]));
+    return o;
+}
+
 // Dispatch on the 16-bit type.
 #define TM_DISPATCH_DT(dt, T, ...)                      \
     do {                                                \

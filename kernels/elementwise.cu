@@ -40,22 +40,13 @@ __global__ void rmsnorm4_k(const float* x, const int* rows, int H, const T* w, f
     }
     ss = block_sum(ss);
     const float scale = rsqrtf(ss / float(H) + eps);
-    struct alignas(8) Four {
-        T e[4];
-    };
-    const Four* w4 = reinterpret_cast<const Four*>(w);
-    Four* o4 = reinterpret_cast<Four*>(out + size_t(r) * H);
+    const Four<T>* w4 = reinterpret_cast<const Four<T>*>(w);
+    Four<T>* o4 = reinterpret_cast<Four<T>*>(out + size_t(r) * H);
 #pragma unroll
     for (int j = 0; j < kNormVec; ++j) {
         const int i = threadIdx.x + j * blockDim.x;
         if (i >= H4) break;
-        const Four g = w4[i];
-        Four o;
-        o.e[0] = from_f<T>(v[j].x * scale * to_f(g.e[0]));
-        o.e[1] = from_f<T>(v[j].y * scale * to_f(g.e[1]));
-        o.e[2] = from_f<T>(v[j].z * scale * to_f(g.e[2]));
-        o.e[3] = from_f<T>(v[j].w * scale * to_f(g.e[3]));
-        o4[i] = o;
+        o4[i] = scaled4(v[j], scale, w4[i]);
     }
 }
 

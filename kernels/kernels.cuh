@@ -152,17 +152,24 @@ bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const Kv
 
 // One-shot all-reduce through peer memory (kernels/p2p_allreduce.cu) for the
 // ranks of one process, one GPU each, peer access enabled both ways. data[r]
-// is rank r's buffer (capacity floats, 16-byte aligned), flags[r] its
-// p2p_flag_words() words (zeroed once), abort a host-mapped word that ends
+// is rank r's receive buffer, p2p_buffer_floats(nranks, capacity) floats
+// (16-byte aligned) filled with 0xFF bytes once; flags[r] its
+// p2p_flag_words() words, zeroed once; abort a host-mapped word that ends
 // the kernel's waits when set. Returns false (nothing enqueued) when n does
 // not fit (over capacity, not a multiple of 4, x unaligned).
-constexpr int kP2pMaxRanks = 8, kP2pMaxBlocks = 32;
+constexpr int kP2pMaxRanks = 8;
 struct P2pPeers {
     float* data[kP2pMaxRanks];
     uint32_t* flags[kP2pMaxRanks];
     const uint32_t* abort;
 };
 size_t p2p_flag_words();
+size_t p2p_buffer_floats(int nranks, size_t capacity);
 bool p2p_all_reduce(float* x, size_t n, const P2pPeers& peers, int rank, int nranks, size_t capacity, cudaStream_t s);
+// The same sum over rows x H floats, and in the same kernel out[r, :] =
+// RMSNorm(x[r, :]) * w (as rmsnorm()). False (nothing enqueued) where it
+// does not fit (H over 8,192 or not a multiple of 4, or as above).
+bool p2p_all_reduce_rmsnorm(Dt dt, float* x, int rows, int H, const void* w, float eps, void* out,
+                            const P2pPeers& peers, int rank, int nranks, size_t capacity, cudaStream_t s);
 
 }  // namespace tmc::cuda

@@ -95,7 +95,7 @@ private:
     };
     DevWeight upload(const Workspace& ws, const std::string& name, int rows, int cols);
     void gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta);
-    void add_projection(const DevWeight& w, const void* in, int T);
+    bool add_projection(const DevWeight& w, const void* in, int T, const DevWeight* norm = nullptr);
     size_t step_bytes(int max_tokens) const;
     void launched(const char* what) { check(cudaGetLastError(), what); }
     // TM_TP_TRACE=1: each rank's host-side progress on stderr (hangs between ranks).
@@ -132,6 +132,7 @@ private:
     int rank_ = 0;
     int out_rows_ = 0;  // rows of the output projection on this rank (vocab, or vocab / tp)
     std::unique_ptr<Communicator> comm_;  // tp > 1
+    cuda::CudaCommunicator* fused_comm_ = nullptr;  // comm_, when it can fuse the norm
     std::atomic<bool> abort_requested_{false};
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
     long tp_timeout_s_ = 600;  // TM_TP_TIMEOUT: a step's longest wait before the group is ended
@@ -217,7 +218,10 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     check(cb.set_stream(blas_, stream_), "cublasSetStream");
     blas_ws_.alloc(size_t(32) << 20);
     check(cb.set_workspace(blas_, blas_ws_.p, blas_ws_.n), "cublasSetWorkspace");
-    if (opt.tp > 1) comm_ = opt.make_comm(stream_);
+    if (opt.tp > 1) {
+        comm_ = opt.make_comm(stream_);
+        fused_comm_ = dynamic_cast<cuda::CudaCommunicator*>(comm_.get());
+    }
 
     size_t total = 0;
     const std::string mine = "weights/rank" + std::to_string(rank_) + "/";
@@ -563,21 +567,27 @@ float* CudaBackend::forward(const BatchPlan& plan) {
 
 // x += in · wᵀ (the residual add fused into the GEMM). With tensor
 // parallelism rank 0 adds its partial product to x and the others start from
-// zero, so the all-reduce leaves x + every rank's part on every rank.
-void CudaBackend::add_projection(const DevWeight& w, const void* in, int T) {
+// zero, so the all-reduce leaves x + every rank's part on every rank; given
+// `norm`, the all-reduce may also write h_ = RMSNorm(x) · norm (returns true
+// then, and the caller skips its norm).
+bool CudaBackend::add_projection(const DevWeight& w, const void* in, int T, const DevWeight* norm) {
     const int H = cfg_.hidden_size;
     if (!comm_) {
         gemm(w, in, T, x_.p, CUDA_R_32F, H, 1.0f);
         prof_.mark(prof_.kGemm);
-        return;
+        return false;
     }
     gemm(w, in, T, x_.p, CUDA_R_32F, H, rank_ == 0 ? 1.0f : 0.0f);
     prof_.mark(prof_.kGemm);
     trace("all-reduce rows", T);
     sync_ranks();
-    comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
+    const bool fused = norm && fused_comm_ &&
+                       fused_comm_->all_reduce_sum_rmsnorm(x_.p, T, H, norm->ptr, float(cfg_.rms_norm_eps), h_.p,
+                                                           int(dt_));
+    if (!fused) comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
     sync_ranks();
     prof_.mark(prof_.kAllReduce);
+    return fused;
 }
 
 // The kernels of one step, on stream_ (captured into a graph for decode).
@@ -595,11 +605,14 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
     cuda::embedding(dt_, emb_.ptr, d_tokens, T, H, x_.p, stream_);
     launched("embedding");
     prof_.mark(prof_.kEmbed);
+    bool normed = false;  // h_ already holds this layer's attention-norm output
     for (int l = 0; l < cfg_.num_layers; ++l) {
         const Layer& Ly = layers_[size_t(l)];
-        cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.attn_norm.ptr, eps, h_.p, stream_);
-        launched("rmsnorm");
-        prof_.mark(prof_.kNorm);
+        if (!normed) {
+            cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.attn_norm.ptr, eps, h_.p, stream_);
+            launched("rmsnorm");
+            prof_.mark(prof_.kNorm);
+        }
         gemm(Ly.wqkv, h_.p, T, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f);
         prof_.mark(prof_.kGemm);
         cuda::QkvArgs qa{qkv_.p, qkv_ld, T, nq, nkv, hd, Ly.bqkv.ptr, Ly.q_norm.ptr, Ly.k_norm.ptr, eps, inv_freq_.p, l};
@@ -615,16 +628,18 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
         }
         launched("paged_attention");
         prof_.mark(prof_.kAttention);
-        add_projection(Ly.wo, attn_.p, T);
-        cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
-        launched("rmsnorm");
-        prof_.mark(prof_.kNorm);
+        if (!add_projection(Ly.wo, attn_.p, T, &Ly.ffn_norm)) {
+            cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
+            launched("rmsnorm");
+            prof_.mark(prof_.kNorm);
+        }
         gemm(Ly.w13, h_.p, T, gu_.p, cdt_, 2 * I, 0.0f);
         prof_.mark(prof_.kGemm);
         cuda::silu_mul(dt_, gu_.p, T, I, act_.p, stream_);
         launched("silu_mul");
         prof_.mark(prof_.kActivation);
-        add_projection(Ly.w2, act_.p, T);
+        normed = add_projection(Ly.w2, act_.p, T,
+                                l + 1 < cfg_.num_layers ? &layers_[size_t(l) + 1].attn_norm : nullptr);
     }
     if (L > 0) {
         cuda::rmsnorm(dt_, x_.p, d_lrows, L, H, final_norm_.ptr, eps, hn_.p, stream_);

@@ -68,7 +68,7 @@ void check(ncclResult_t r, const char* what) {
     if (r != ncclSuccess) throw Error(std::string("NCCL ") + what + ": " + nccl().error_string(r));
 }
 
-class NcclComm final : public Communicator {
+class NcclComm final : public CudaCommunicator {
 public:
     NcclComm(const NcclId& id, int rank, int n, cudaStream_t s, std::shared_ptr<PeerGroup> peers)
         : rank_(rank), n_(n), stream_(s) {
@@ -82,11 +82,8 @@ public:
         (void)cudaGetLastError();
         try {
             warm_up();
-            // Off by default: on 2 x H100 NCCL's all-reduce of 4,096 floats
-            // replays from a graph in 6.6 us against 11.8 for this path
-            // (allreduce_bench, same call).
             const char* on = std::getenv("TM_CUDA_P2P_ALLREDUCE");
-            if (peers && n > 1 && n <= kP2pMaxRanks && on && std::string(on) == "1") join(*peers);
+            if (peers && n > 1 && n <= kP2pMaxRanks && !(on && std::string(on) == "0")) join(*peers);
         } catch (...) {
             nccl().comm_abort(comm_);
             release_p2p();
@@ -112,6 +109,15 @@ public:
         }
         check(nccl().all_reduce(x, x, n, ncclFloat, ncclSum, comm_, stream_), "ncclAllReduce");
         (void)cudaGetLastError();
+    }
+    bool all_reduce_sum_rmsnorm(float* x, int rows, int H, const void* w, float eps, void* out, int dt) override {
+        if (aborted_) throw Error("NCCL: the tensor-parallel group was ended after an error on another rank");
+        if (!p2p_ || !cuda::p2p_all_reduce_rmsnorm(Dt(dt), x, rows, H, w, eps, out, peers_, rank_, n_,
+                                                   kP2pCapacity, stream_))
+            return false;
+        const cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) throw Error(std::string("CUDA: peer all-reduce: ") + cudaGetErrorString(e));
+        return true;
     }
 
 private:
@@ -146,7 +152,8 @@ private:
             ok = e == cudaSuccess || e == cudaErrorPeerAccessAlreadyEnabled;
         }
         const size_t fw = cuda::p2p_flag_words();
-        ok = ok && cudaMalloc(&data_, kP2pCapacity * sizeof(float)) == cudaSuccess &&
+        const size_t bytes = cuda::p2p_buffer_floats(n_, kP2pCapacity) * sizeof(float);
+        ok = ok && cudaMalloc(&data_, bytes) == cudaSuccess && cudaMemset(data_, 0xFF, bytes) == cudaSuccess &&
              cudaMalloc(&flags_, fw * sizeof(uint32_t)) == cudaSuccess &&
              cudaMemset(flags_, 0, fw * sizeof(uint32_t)) == cudaSuccess &&
              cudaHostAlloc(reinterpret_cast<void**>(&h_abort_), sizeof(uint32_t), cudaHostAllocMapped) == cudaSuccess;
@@ -197,7 +204,7 @@ NcclId nccl_unique_id() {
     return id;
 }
 
-std::unique_ptr<Communicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream,
+std::unique_ptr<CudaCommunicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream,
                                                 std::shared_ptr<PeerGroup> peers) {
     return std::make_unique<NcclComm>(id, rank, n, stream, std::move(peers));
 }

@@ -25,14 +25,26 @@ NcclId nccl_unique_id();
 struct PeerGroup;
 std::shared_ptr<PeerGroup> make_peer_group(int n);
 
+// The communicator of the CUDA backend: a Communicator that can also fuse
+// the RMSNorm that follows a layer's all-reduce into the all-reduce.
+class CudaCommunicator : public Communicator {
+public:
+    // all_reduce_sum(x, rows * H) and, in the same kernel, out[r, :] =
+    // RMSNorm(x[r, :]) * w (16-bit `dt`: 0 bf16, 1 fp16; as cuda::rmsnorm).
+    // Returns false, enqueuing nothing, where there is no such path (NCCL,
+    // or too many rows): the caller then sums and normalizes itself.
+    virtual bool all_reduce_sum_rmsnorm(float* x, int rows, int H, const void* w, float eps, void* out,
+                                        int dt) = 0;
+};
+
 // Rank `rank` of `n`: call on the rank's thread with its device current.
 // all_reduce_sum(x, n) sums device memory in place, enqueued on `stream`
 // (capturable in a CUDA graph); it does not synchronize. With `peers` (every
 // rank the same group, all ranks' threads calling together), peer access
-// between every pair of GPUs and TM_CUDA_P2P_ALLREDUCE=1, messages up to
-// 256 K floats go through peer memory (kernels/p2p_allreduce.cu); otherwise
-// every message goes to NCCL (the default: NCCL is faster in graphs today).
-std::unique_ptr<Communicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream,
-                                                std::shared_ptr<PeerGroup> peers = nullptr);
+// between every pair of GPUs and TM_CUDA_P2P_ALLREDUCE not 0, messages up to
+// 256 K floats go through peer memory (kernels/p2p_allreduce.cu), the rest
+// to NCCL.
+std::unique_ptr<CudaCommunicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream,
+                                                    std::shared_ptr<PeerGroup> peers = nullptr);
 
 }  // namespace tmc::cuda
