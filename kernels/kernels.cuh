@@ -131,6 +131,9 @@ struct AttnArgs {
     float* split_scratch = nullptr;
     // Prefill tiles on tensor cores (paged_attention_tiled).
     bool tensor_cores = false;
+    // Decode rows (16-bit caches, head_dim 64 or 128) by the ring-of-chunks
+    // kernel; false: by the generic row kernel (as quantized caches).
+    bool ring_decode = true;
 };
 // One block per (row, KV head, split of the sequence), for the rows listed
 // in `rows` (n of them; null: rows 0..T-1); a second kernel merges the

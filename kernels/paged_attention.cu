@@ -3,8 +3,9 @@
 // vector is read once per group):
 //   - row by row (decode, and prompt chunks of under 4 rows), optionally split
 //     along the sequence with a merge kernel: paged_decode_k for 16-bit
-//     caches of head_dim 64 or 128 (double-buffered asynchronous copies),
-//     paged_attention_k for the rest (quantized caches, other head sizes);
+//     caches of head_dim 64 or 128 (a ring of asynchronous copies),
+//     paged_attention_k for the rest (quantized caches, other head sizes;
+//     and all of them with TM_CUDA_RING_DECODE=0);
 //   - in tiles of up to 64 query vectors of one sequence (prompt chunks):
 //     paged_attention_mma_k on tensor cores, or paged_attention_tiled_k on
 //     CUDA cores (TM_CUDA_MMA_ATTENTION=0).
@@ -141,160 +142,242 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
 // ---------------------------------------------------------------- decode (16-bit cache)
 //
 // The same work as paged_attention_k (one block per row, KV head and split)
-// shaped for HBM bandwidth: chunks of 64 keys are copied into shared memory
-// by 16-byte asynchronous copies, double-buffered (the next chunk's copies
-// are in flight while this one is computed); the scores take one key per
-// thread (no shuffles) and the weighted sum of V one channel per thread.
-// Used for 16-bit caches with head_dim 64 or 128.
+// shaped for HBM bandwidth: chunks of 32 keys are copied into shared memory
+// by 16-byte asynchronous copies into a ring of RS stages (RS - 1 chunks in
+// flight while one is computed), 4 blocks an SM; G query heads (the group,
+// padded to a power of two) per block. Few instructions a key (an earlier
+// double-buffered kernel with 64-key chunks issued ~1,300 a thread per
+// chunk, ran 3 blocks an SM and read the cache at 48-60% of the copy
+// bandwidth in large decode batches; this one reads it at 69-91%):
+//   - scores: HD / 8 threads per key, each holding its 8 channels of the G
+//     query vectors in registers; the G partial dot products are reduced
+//     across those threads by halving exchanges (G - 1 + log2(HD / 8) - log2 G
+//     shuffles instead of G log2(HD / 8));
+//   - softmax: a warp per head, a lane per key;
+//   - weighted V: each thread 8 channels (one 16-byte load a key) for all G
+//     heads, over every (128 / (HD / 8))-th key; the key phases are folded
+//     once at the end.
+constexpr int kRingChunk = 32;
+#ifndef TM_DECODE_RING_STAGES
+#define TM_DECODE_RING_STAGES 3
+#endif
+constexpr int kDecodeRingStages = TM_DECODE_RING_STAGES;
 
-constexpr int kDecChunk = 64;
+template <int HD, int G, int RS>
+constexpr size_t ring_smem_bytes() {
+    constexpr size_t stages = size_t(2) * RS * kRingChunk * (HD + 8) * 2;      // [K, V][RS][chunk][HD + 8]
+    constexpr size_t fold = size_t(kThreads / (HD / 8)) * G * HD * 4;          // [key phases][G][HD] floats
+    return stages > fold ? stages : fold;
+}
 
-template <int HD>
-constexpr size_t decode_smem_bytes() { return 2 * 2 * size_t(kDecChunk) * (HD + 8) * 2; }  // [K, V][2 buffers]
+// Sums v[0, G) over the TPK lanes of a key (lanes xor < TPK): returns the
+// sum of head `head` (set here), which every lane of that head holds.
+template <int G, int TPK>
+__device__ __forceinline__ float reduce_heads(float (&v)[G], int lane, int& head) {
+    head = 0;
+    int cnt = G;
+#pragma unroll
+    for (int o = TPK / 2; o >= 1; o >>= 1) {
+        if (cnt > 1) {
+            const int half = cnt / 2;
+            const bool up = lane & o;
+#pragma unroll
+            for (int i = 0; i < G / 2; ++i) {
+                if (i >= half) break;
+                const float keep = up ? v[i + half] : v[i], send = up ? v[i] : v[i + half];
+                v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+            }
+            head = head * 2 + (up ? 1 : 0);
+            cnt = half;
+        } else {
+            v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+        }
+    }
+    return v[0];
+}
 
-template <class T, int HD>
-__global__ void __launch_bounds__(kThreads, 3) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
-    constexpr int KL = HD + 8;                 // staged row stride (elements): 16-byte aligned, banks shifted
-    constexpr int V8 = HD / 8;                 // 16-byte vectors per row
-    constexpr int PER = kDecChunk * V8 / kThreads;  // vectors per thread per chunk, each of K and V
-    constexpr int KP = kThreads / HD;          // key phases of the weighted sum (2 when HD is 64)
-    constexpr int SP = kThreads / kDecChunk;   // head phases of the scores
-    static_assert(PER >= 1 && KP >= 1 && SP >= 1);
+template <class T, int HD, int G, int RS>
+__global__ void __launch_bounds__(kThreads) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
+    constexpr int C = kRingChunk, KL = HD + 8, V8 = HD / 8;
+    constexpr int TPK = V8;                  // threads per key in the scores
+    constexpr int KPP = kThreads / TPK;      // keys per pass of the scores
+    constexpr int KPH = kThreads / V8;       // key phases of the weighted sum
+    constexpr int PER = C * V8 / kThreads;   // 16-byte copies a thread per chunk, each of K and V
+    static_assert(PER >= 1 && C % KPP == 0 && G <= TPK && G <= 8);
     extern __shared__ __align__(16) unsigned char dsm[];
-    T* const Kb = reinterpret_cast<T*>(dsm);   // [2][kDecChunk][KL]
-    T* const Vb = Kb + 2 * kDecChunk * KL;     // [2][kDecChunk][KL]
-    __shared__ __align__(16) float q[kMaxGroup][HD];
-    __shared__ float p[kMaxGroup][kDecChunk];
-    __shared__ float alpha[kMaxGroup];
-    __shared__ float inv_l[kMaxGroup];
+    T* const Kb = reinterpret_cast<T*>(dsm);  // [RS][C][KL]
+    T* const Vb = Kb + RS * C * KL;           // [RS][C][KL]
+    __shared__ __align__(16) float p[C][G];
+    __shared__ float alpha[G], inv_l[G];
     const int r = rows ? rows[blockIdx.x] : blockIdx.x, kh = blockIdx.y;
     const int group = a.nq / a.nkv;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = kThreads / 32;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int pos = b.positions[r];
     const int* table = b.blocks + b.block_offset[b.row_seq[r]];
     const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
     const int nsplit = gridDim.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
     const int begin = min(vis_end, vis_begin + int(blockIdx.z) * span), end = min(vis_end, begin + span);
-    const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * HD;
-    for (int i = tid; i < group * HD; i += kThreads) q[i / HD][i % HD] = qr[i];
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
-    float m_run[kMaxGroup / 4 + 1], l_run[kMaxGroup / 4 + 1];
-    for (int k = 0; k < kMaxGroup / 4 + 1; ++k) m_run[k] = -FLT_MAX, l_run[k] = 0;
-    const int c_own = tid % HD, k_phase = tid / HD;  // the weighted sum: channel, first key
-    float acc[kMaxGroup];
+    // This thread's 8 channels of the G query vectors (scaled), for the scores.
+    const int part = tid % TPK, kq = tid / TPK;
+    float q[G][8];
+    {
+        const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * HD + part * 8;
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0;
-    // Copies chunk c0's K and V into buffer `buf` (one commit group).
-    const auto stage = [&](int c0, int buf) {
-        const int n = min(kDecChunk, end - c0);
-        T* Ks = Kb + buf * kDecChunk * KL;
-        T* Vs = Vb + buf * kDecChunk * KL;
+        for (int g = 0; g < G; ++g) {
+            const float4 x0 = g < group ? *reinterpret_cast<const float4*>(qr + g * HD) : make_float4(0, 0, 0, 0);
+            const float4 x1 = g < group ? *reinterpret_cast<const float4*>(qr + g * HD + 4) : make_float4(0, 0, 0, 0);
+            q[g][0] = x0.x * a.scale, q[g][1] = x0.y * a.scale, q[g][2] = x0.z * a.scale, q[g][3] = x0.w * a.scale;
+            q[g][4] = x1.x * a.scale, q[g][5] = x1.y * a.scale, q[g][6] = x1.z * a.scale, q[g][7] = x1.w * a.scale;
+        }
+    }
+    // Softmax state: warp w keeps heads w and w + 4.
+    float m_run[2] = {-FLT_MAX, -FLT_MAX}, l_run[2] = {0, 0};
+    // Weighted sum: channels vc * 8 .. + 8, keys kp, kp + KPH, ...
+    const int vc = tid % V8, kp = tid / V8;
+    float acc[G][8];
 #pragma unroll
-        for (int u = 0; u < PER; ++u) {
-            const int i = tid + u * kThreads, kk = i / V8, c = (i % V8) * 8;
-            if (kk < n) {
-                const int ps = c0 + kk;
-                const T* kp = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
-                __pipeline_memcpy_async(Ks + kk * KL + c, kp, 16);
-                __pipeline_memcpy_async(Vs + kk * KL + c, kp + vdelta, 16);
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0;
+    // Copies chunk c0's K and V into ring stage `st` (one commit group, empty past the end).
+    const auto stage = [&](int c0, int st) {
+        if (c0 < end) {
+            const int n = min(C, end - c0);
+            T* Ks = Kb + st * C * KL;
+            T* Vs = Vb + st * C * KL;
+#pragma unroll
+            for (int u = 0; u < PER; ++u) {
+                const int i = tid + u * kThreads, kk = i / V8, c = (i % V8) * 8;
+                if (kk < n) {
+                    const int ps = c0 + kk;
+                    const T* kp_ = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
+                    __pipeline_memcpy_async(Ks + kk * KL + c, kp_, 16);
+                    __pipeline_memcpy_async(Vs + kk * KL + c, kp_ + vdelta, 16);
+                }
             }
         }
         __pipeline_commit();
     };
-    if (begin < end) stage(begin, 0);
-    for (int c0 = begin, buf = 0; c0 < end; c0 += kDecChunk, buf ^= 1) {
-        const int n = min(kDecChunk, end - c0);
-        if (c0 + kDecChunk < end) {
-            stage(c0 + kDecChunk, buf ^ 1);  // the previous iteration is done with that buffer
-            __pipeline_wait_prior(1);
-        } else {
-            __pipeline_wait_prior(0);
-        }
-        __syncthreads();  // this chunk has landed for every thread (and q is written)
-        const T* Ks = Kb + buf * kDecChunk * KL;
-        const T* Vs = Vb + buf * kDecChunk * KL;
-        // Scores: key tid % 64, heads tid / 64, tid / 64 + SP, ...
-        {
-            const int kk = tid % kDecChunk;
-            if (kk < n)
-                for (int g = tid / kDecChunk; g < group; g += SP) {
-                    float d = 0;
 #pragma unroll
-                    for (int c = 0; c < HD; c += 8) {
-                        const uint4 kv8 = *reinterpret_cast<const uint4*>(Ks + kk * KL + c);
-                        const T* k8 = reinterpret_cast<const T*>(&kv8);
-                        const float4 qa = *reinterpret_cast<const float4*>(&q[g][c]);
-                        const float4 qb = *reinterpret_cast<const float4*>(&q[g][c + 4]);
-                        d += qa.x * to_f(k8[0]) + qa.y * to_f(k8[1]) + qa.z * to_f(k8[2]) + qa.w * to_f(k8[3]) +
-                             qb.x * to_f(k8[4]) + qb.y * to_f(k8[5]) + qb.z * to_f(k8[6]) + qb.w * to_f(k8[7]);
-                    }
-                    p[g][kk] = d * a.scale;
-                }
+    for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
+    int st = 0;
+    for (int c0 = begin; c0 < end; c0 += C, st = st + 1 == RS ? 0 : st + 1) {
+        const int n = min(C, end - c0);
+        __pipeline_wait_prior(RS - 2);
+        __syncthreads();  // chunk c0 has landed for every thread; the previous chunk's V and p are done
+        stage(c0 + (RS - 1) * C, st == 0 ? RS - 1 : st - 1);  // the stage the previous chunk used
+        const T* Ks = Kb + st * C * KL;
+        const T* Vs = Vb + st * C * KL;
+        // Scores: key kq + j * KPP, channels part * 8 .. + 8.
+#pragma unroll
+        for (int j = 0; j < C / KPP; ++j) {
+            const int kk = kq + j * KPP;
+            const uint4 k8 = *reinterpret_cast<const uint4*>(Ks + kk * KL + part * 8);
+            const T* kt = reinterpret_cast<const T*>(&k8);
+            float kf[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) kf[e] = to_f(kt[e]);
+            float d[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float x = 0;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) x += q[g][e] * kf[e];
+                d[g] = x;
+            }
+            int head;
+            const float sum = reduce_heads<G, TPK>(d, lane, head);
+            if ((part & (TPK / G - 1)) == 0) p[kk][head] = kk < n ? sum : -INFINITY;
         }
         __syncthreads();
-        // Softmax bookkeeping: warp w handles heads w, w + 4, ...
+        // Softmax: warp w, heads w and w + 4; lane = key.
 #pragma unroll
-        for (int k = 0; k < kMaxGroup / 4 + 1; ++k) {
-            const int g = warp + k * nwarps;
-            if (g >= group) break;
-            const float al = softmax_chunk(p[g], n, m_run[k], l_run[k], lane);
+        for (int k = 0; k < 2; ++k) {
+            const int g = warp + 4 * k;
+            if (g >= G) break;
+            const float sc = p[lane][g];
+            const float m_new = fmaxf(m_run[k], warp_max(sc));
+            const float e = __expf(sc - m_new);
+            p[lane][g] = e;
+            const float al = __expf(m_run[k] - m_new);
+            l_run[k] = l_run[k] * al + warp_sum(e);
+            m_run[k] = m_new;
             if (lane == 0) alpha[g] = al;
         }
         __syncthreads();
-        // Weighted V: channel c_own, keys k_phase, k_phase + KP, ...
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g)
-            if (g < group) acc[g] *= alpha[g];
-#pragma unroll 4
-        for (int kk = k_phase; kk < n; kk += KP) {
-            const float v = to_f(Vs[kk * KL + c_own]);
-            for (int g = 0; g < kMaxGroup; ++g)
-                if (g < group) acc[g] += p[g][kk] * v;
+        for (int g = 0; g < G; ++g) {
+            const float al = alpha[g];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[g][e] *= al;
         }
-        __syncthreads();  // done with this buffer and p before the next chunk's copies and scores
+#pragma unroll 2
+        for (int kk = kp; kk < n; kk += KPH) {
+            const uint4 v8 = *reinterpret_cast<const uint4*>(Vs + kk * KL + vc * 8);
+            const T* vt = reinterpret_cast<const T*>(&v8);
+            float vf[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) vf[e] = to_f(vt[e]);
+            float pg[G];
+            if constexpr (G >= 4) {
+#pragma unroll
+                for (int g = 0; g < G; g += 4) {
+                    const float4 p4 = *reinterpret_cast<const float4*>(&p[kk][g]);
+                    pg[g] = p4.x, pg[g + 1] = p4.y, pg[g + 2] = p4.z, pg[g + 3] = p4.w;
+                }
+            } else {
+#pragma unroll
+                for (int g = 0; g < G; ++g) pg[g] = p[kk][g];
+            }
+#pragma unroll
+            for (int g = 0; g < G; ++g)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[g][e] += pg[g] * vf[e];
+        }
     }
-    if constexpr (KP > 1) {
-        // Fold the key phases into phase 0 (q is free now).
-        __syncthreads();
-        for (int ph = 1; ph < KP; ++ph) {
+    // Fold the key phases (the stages are free once every copy has landed
+    // and every thread is past its last chunk).
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    float* fold = reinterpret_cast<float*>(dsm);  // [KPH][G][HD]
 #pragma unroll
-            for (int g = 0; g < kMaxGroup; ++g)
-                if (g < group && k_phase == ph) q[g][c_own] = acc[g];
-            __syncthreads();
+    for (int g = 0; g < G; ++g) {
+        float* f = fold + (size_t(kp) * G + g) * HD + vc * 8;
+        *reinterpret_cast<float4*>(f) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+        *reinterpret_cast<float4*>(f + 4) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    }
 #pragma unroll
-            for (int g = 0; g < kMaxGroup; ++g)
-                if (g < group && k_phase == 0) acc[g] += q[g][c_own];
-            __syncthreads();
-        }
+    for (int k = 0; k < 2; ++k) {
+        const int g = warp + 4 * k;
+        if (g < G && lane == 0) inv_l[g] = 1.0f / l_run[k];
     }
     if (nsplit > 1) {
-        // Unnormalized partial results: acc, then (max, sum) per query head.
-        float* part = a.split_scratch;
+        // Unnormalized partial results, then (max, sum) per query head.
+        float* part_ = a.split_scratch;
         const size_t ml0 = size_t(gridDim.x) * a.nq * nsplit * HD;
 #pragma unroll
-        for (int k = 0; k < kMaxGroup / 4 + 1; ++k) {
-            const int g = warp + k * nwarps;
-            if (g < group && lane == 0) {
+        for (int k = 0; k < 2; ++k) {
+            const int g = warp + 4 * k;
+            if (g < G && g < group && lane == 0) {
                 const size_t e = (size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z;
-                part[ml0 + 2 * e] = m_run[k];
-                part[ml0 + 2 * e + 1] = l_run[k];
+                part_[ml0 + 2 * e] = m_run[k];
+                part_[ml0 + 2 * e + 1] = l_run[k];
             }
         }
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g)
-            if (g < group && k_phase == 0)
-                part[((size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z) * HD + c_own] = acc[g];
-        return;
     }
-#pragma unroll
-    for (int k = 0; k < kMaxGroup / 4 + 1; ++k)
-        if (warp + k * nwarps < group && lane == 0) inv_l[warp + k * nwarps] = 1.0f / l_run[k];
     __syncthreads();
-    T* out = static_cast<T*>(a.out) + size_t(r) * a.nq * HD + size_t(kh) * group * HD;
+    for (int o = tid; o < group * HD; o += kThreads) {
+        const int g = o / HD, c = o % HD;
+        float v = 0;
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
-        if (g < group && k_phase == 0) out[size_t(g) * HD + c_own] = from_f<T>(acc[g] * inv_l[g]);
+        for (int ph = 0; ph < KPH; ++ph) v += fold[(size_t(ph) * G + g) * HD + c];
+        if (nsplit > 1)
+            a.split_scratch[((size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z) * HD + c] = v;
+        else
+            static_cast<T*>(a.out)[size_t(r) * a.nq * HD + size_t(kh * group + g) * HD + c] = from_f<T>(v * inv_l[g]);
+    }
 }
 
 // Merges the splits of paged_attention_k: one block per (row, query head);
@@ -623,11 +706,21 @@ void launch_mma(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const 
     paged_attention_mma_k<T, HD, B><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
 }
 
+template <class T, int HD, int G>
+void launch_ring(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, cudaStream_t s) {
+    constexpr int RS = kDecodeRingStages;
+    constexpr size_t bytes = ring_smem_bytes<HD, G, RS>();
+    allow_smem<paged_decode_k<T, HD, G, RS>>(bytes);
+    paged_decode_k<T, HD, G, RS><<<grid, kThreads, bytes, s>>>(a, b, kv, rows);
+}
+
 template <class T, int HD>
 void launch_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, cudaStream_t s) {
-    constexpr size_t bytes = decode_smem_bytes<HD>();
-    allow_smem<paged_decode_k<T, HD>>(bytes);
-    paged_decode_k<T, HD><<<grid, kThreads, bytes, s>>>(a, b, kv, rows);
+    const int group = a.nq / a.nkv;
+    if (group <= 1) return launch_ring<T, HD, 1>(grid, a, b, kv, rows, s);
+    if (group <= 2) return launch_ring<T, HD, 2>(grid, a, b, kv, rows, s);
+    if (group <= 4) return launch_ring<T, HD, 4>(grid, a, b, kv, rows, s);
+    launch_ring<T, HD, 8>(grid, a, b, kv, rows, s);
 }
 
 template <class T, int HD, int B>
@@ -658,9 +751,10 @@ void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout
     if (n == 0) return;
     const int nsplit = a.split_scratch ? attention_splits(n, a.nkv) : 1;
     dim3 grid(n, a.nkv, nsplit);
-    if (kv.bits == 16 && a.hd == 128 && a.nq / a.nkv <= kMaxGroup)
+    const bool ring = a.ring_decode && kv.bits == 16 && a.nq / a.nkv <= kMaxGroup;
+    if (ring && a.hd == 128)
         TM_DISPATCH_DT(dt, W, (launch_decode<W, 128>(grid, a, b, kv, rows, s)));
-    else if (kv.bits == 16 && a.hd == 64 && a.nq / a.nkv <= kMaxGroup)
+    else if (ring && a.hd == 64)
         TM_DISPATCH_DT(dt, W, (launch_decode<W, 64>(grid, a, b, kv, rows, s)));
     else
         TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, rows))));

@@ -19,7 +19,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 fail=0
 # The CUDA backend's switchable paths, all off (the default is all on).
-OFF="TM_CUDA_MMA_ATTENTION=0 TM_CUDA_GRAPH_BUCKETS=0 TM_CUDA_GEMV=0 TM_CUDA_SAMPLING=0 TM_CUDA_VECTOR_ELEMENTWISE=0"
+OFF="TM_CUDA_MMA_ATTENTION=0 TM_CUDA_RING_DECODE=0 TM_CUDA_GRAPH_BUCKETS=0 TM_CUDA_GEMV=0 TM_CUDA_SAMPLING=0 TM_CUDA_VECTOR_ELEMENTWISE=0"
 
 echo "== gpu-tests"
 TM_SHARED="$SHARED" timeout 600 "$GPU_TESTS" --gtest_output=json:"$OUTDIR/gpu-tests.json" || fail=1

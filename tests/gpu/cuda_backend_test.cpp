@@ -297,15 +297,16 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
     struct Shape {
         int nq, nkv, hd, bs, window;
     };
-    // GQA groups 3, 4, 1, 7 and 8 (the decode kernel's largest), head_dim 16 to 128, a sliding
-    // window.
+    // GQA groups 3, 4, 1, 7, 8 (the decode kernels' largest), 2 and 5, head_dim 16 to 128, a
+    // sliding window.
     for (Shape sh :
-         {Shape{6, 2, 64, 16, 0}, Shape{32, 8, 128, 64, 0}, Shape{4, 4, 16, 4, 0},
+         {Shape{6, 2, 64, 16, 0}, Shape{32, 8, 128, 64, 0}, Shape{4, 4, 16, 4, 0}, Shape{4, 2, 128, 16, 0},
+          Shape{10, 2, 64, 32, 0},
           Shape{28, 4, 128, 32, 37}, Shape{16, 16, 64, 16, 0}, Shape{8, 1, 128, 16, 0}}) {
         const int layers = 2, layer = 1;
-        // Three sequences: lengths after this step, rows this step.
-        std::vector<int> ctx = {1, 77, 130}, rows = {1, 5, 130};
-        const int S = 3;
+        // Four sequences: lengths after this step, rows this step.
+        std::vector<int> ctx = {1, 77, 130, 419}, rows = {1, 5, 130, 1};
+        const int S = 4;
         int T = 0;
         for (int r : rows) T += r;
         const int qkv_ld = (sh.nq + 2 * sh.nkv) * sh.hd;
@@ -315,7 +316,7 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
             block_offset.push_back(int(blocks.size()));
             const int nb = (ctx[size_t(s)] + sh.bs - 1) / sh.bs;
             for (int b = 0; b < nb; ++b)
-                blocks.push_back((next_block++ * 7) % 97);  // scattered blocks
+                blocks.push_back((next_block++ * 7) % 211);  // scattered blocks
             for (int p = ctx[size_t(s)] - rows[size_t(s)]; p < ctx[size_t(s)]; ++p) {
                 positions.push_back(p);
                 row_seq.push_back(s);
@@ -333,7 +334,7 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
             inv[size_t(i)] = float(1.0 / std::pow(10000.0, 2.0 * i / sh.hd));
         tmc::cuda::KvLayout kv;
         kv.layers = layers, kv.kv_heads = sh.nkv, kv.head_dim = sh.hd, kv.block_size = sh.bs;
-        uint16_t* cache = poisoned<uint16_t>(size_t(97) * kv.block_elems());
+        uint16_t* cache = poisoned<uint16_t>(size_t(211) * kv.block_elems());
         kv.base = cache;
         float* dqkv = dev(qkv_all);
         float* dinv = dev(inv);
@@ -388,15 +389,17 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         std::vector<int> last_rows;
         for (int s = 0, rb = 0; s < S; rb += rows[size_t(s)], ++s)
             last_rows.push_back(rb + rows[size_t(s)] - 1);
-        // Variant 3: the tiles on tensor cores.
-        for (int variant = 0; variant < 4; ++variant) {
+        // Variant 3: the tiles on tensor cores; 4 and 5: 0 and 2 by the
+        // generic row kernel instead of the ring of chunks.
+        for (int variant = 0; variant < 6; ++variant) {
             uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
             tmc::cuda::AttnArgs aa{dq,    qkv_ld,    T,     sh.nq, sh.nkv,
                                    sh.hd, sh.window, scale, layer, out};
             aa.tensor_cores = variant == 3;
-            if (variant == 0) {
+            aa.ring_decode = variant < 4;
+            if (variant == 0 || variant == 4) {
                 tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, nullptr, T, 0);
-            } else if (variant == 2) {
+            } else if (variant == 2 || variant == 5) {
                 float* scratch =
                     poisoned<float>(tmc::cuda::attention_split_floats(sh.nq, sh.nkv, sh.hd));
                 aa.split_scratch = scratch;
@@ -456,12 +459,14 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
                     o /= sum;
                     const bool is_last =
                         std::find(last_rows.begin(), last_rows.end(), r) != last_rows.end();
-                    for (int v = 0; v < 4; ++v) {
-                        if (v == 2 && !is_last) continue;
+                    for (int v = 0; v < 6; ++v) {
+                        if ((v == 2 || v == 5) && !is_last) continue;
                         float g = tmc::bf16_to_f32(
                             outs[size_t(v)][size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
                         ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2)
-                            << (v == 3   ? "tiled (tensor cores)"
+                            << (v == 5   ? "split (generic)"
+                                : v == 4 ? "per row (generic)"
+                                : v == 3 ? "tiled (tensor cores)"
                                 : v == 2 ? "split"
                                 : v      ? "tiled"
                                          : "per row")

@@ -1,0 +1,131 @@
+// Decode attention over the paged KV cache on one GPU, Llama-3-8B's heads
+// (32 query heads, 8 KV heads, head_dim 128, bf16 cache, blocks of 64
+// tokens scattered over the pool): microseconds per launch for batches of
+// decode rows, and the rate at which it reads K and V against the device's
+// copy bandwidth measured in the same run (a device-to-device copy of 1 GiB,
+// read + write). Each batch runs with the ring-of-chunks kernel ("ring") and
+// the generic row kernel ("generic", TM_CUDA_RING_DECODE=0). One JSON line
+// per batch and kernel. A build without CUDA prints nothing and exits 0.
+//   attention_bench
+#include <cstdio>
+
+#if TM_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.cuh"
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        std::fprintf(stderr, "attention_bench: %s: %s\n", what, cudaGetErrorString(e));
+        std::exit(1);
+    }
+}
+
+template <class T>
+T* upload(const std::vector<T>& h) {
+    T* d = nullptr;
+    check(cudaMalloc(&d, h.size() * sizeof(T)), "cudaMalloc");
+    check(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), "upload");
+    return d;
+}
+
+// Seconds per call of f, over `reps` calls after 3 warm-up calls.
+template <class F>
+double time_it(F&& f, int reps) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a), cudaEventCreate(&b);
+    for (int i = 0; i < 3; ++i) f();
+    cudaEventRecord(a);
+    for (int i = 0; i < reps; ++i) f();
+    cudaEventRecord(b);
+    check(cudaEventSynchronize(b), "timing");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    cudaEventDestroy(a), cudaEventDestroy(b);
+    return ms / 1e3 / reps;
+}
+
+struct Batch {
+    const char* name;
+    int rows, lo, hi;  // contexts uniform in [lo, hi]
+};
+
+}  // namespace
+
+int main() {
+    const int nq = 32, nkv = 8, hd = 128, bs = 64;
+    const size_t pool_tokens = size_t(1) << 21;  // 2 M tokens: 8 GiB of one layer's K and V
+    tmc::cuda::KvLayout kv;
+    kv.layers = 1, kv.kv_heads = nkv, kv.head_dim = hd, kv.block_size = bs;
+    const int pool_blocks = int(pool_tokens / bs);
+    void* cache = nullptr;
+    check(cudaMalloc(&cache, size_t(pool_blocks) * kv.block_bytes()), "cudaMalloc cache");
+    check(cudaMemset(cache, 0x3c, size_t(pool_blocks) * kv.block_bytes()), "fill cache");
+    kv.base = cache;
+
+    // The roofline: a device-to-device copy (bytes read + written per second).
+    const size_t copy_bytes = size_t(1) << 30;
+    void *src = nullptr, *dst = nullptr;
+    check(cudaMalloc(&src, copy_bytes), "cudaMalloc"), check(cudaMalloc(&dst, copy_bytes), "cudaMalloc");
+    const double copy_s = time_it([&] { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, 10);
+    const double copy_gbs = 2.0 * double(copy_bytes) / copy_s / 1e9;
+    cudaFree(src), cudaFree(dst);
+    std::printf("{\"bench\": \"copy_bandwidth\", \"value\": %.1f, \"unit\": \"GB/s\"}\n", copy_gbs);
+
+    const std::vector<Batch> batches = {
+        {"1x4096", 1, 4096, 4096},          {"16x1024", 16, 1024, 1024},  {"64x64-1024", 64, 64, 1024},
+        {"181x64-800", 181, 64, 800},       {"279x64-900", 279, 64, 900}, {"512x64-1024", 512, 64, 1024},
+        {"512x200-600", 512, 200, 600},     {"256x2048", 256, 2048, 2048}, {"128x32-4096", 128, 32, 4096},
+    };
+    std::mt19937 g(7);
+    std::vector<int> perm(static_cast<size_t>(pool_blocks));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), g);
+    const int qkv_ld = (nq + 2 * nkv) * hd;
+    for (const Batch& bt : batches) {
+        std::uniform_int_distribution<int> len(bt.lo, bt.hi);
+        std::vector<int> positions, row_seq, block_offset, blocks;
+        double kv_bytes = 0;
+        size_t next = 0;
+        for (int r = 0; r < bt.rows; ++r) {
+            const int ctx = len(g);
+            positions.push_back(ctx - 1), row_seq.push_back(r), block_offset.push_back(int(blocks.size()));
+            for (int b = 0; b < (ctx + bs - 1) / bs; ++b) blocks.push_back(perm[next++ % perm.size()]);
+            kv_bytes += double(ctx) * nkv * hd * 2 * 2;
+        }
+        int *dpos = upload(positions), *dseq = upload(row_seq), *doff = upload(block_offset), *dblk = upload(blocks);
+        std::vector<float> qh(size_t(bt.rows) * qkv_ld, 0.01f);
+        float* dq = upload(qh);
+        void* out = nullptr;
+        check(cudaMalloc(&out, size_t(bt.rows) * nq * hd * 2), "cudaMalloc out");
+        float* scratch = nullptr;
+        check(cudaMalloc(&scratch, tmc::cuda::attention_split_floats(nq, nkv, hd) * 4), "cudaMalloc scratch");
+        const tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};
+        for (const bool ring : {true, false}) {
+            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, 0, out, scratch};
+            a.ring_decode = ring;
+            const double s = time_it(
+                [&] { tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, a, bd, kv, nullptr, bt.rows, nullptr); }, 20);
+            check(cudaGetLastError(), "paged_attention");
+            const double gbs = kv_bytes / s / 1e9;
+            std::printf("{\"bench\": \"decode_attention\", \"batch\": \"%s\", \"kernel\": \"%s\", \"us\": %.1f, "
+                        "\"GBps\": %.1f, \"of_copy_bw\": %.3f, \"splits\": %d}\n",
+                        bt.name, ring ? "ring" : "generic", s * 1e6, gbs, gbs / copy_gbs,
+                        tmc::cuda::attention_splits(bt.rows, nkv));
+        }
+        cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dq), cudaFree(out), cudaFree(scratch);
+    }
+    cudaFree(cache);
+    return 0;
+}
+#else
+int main() { return 0; }
+#endif
