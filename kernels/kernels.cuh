@@ -129,8 +129,11 @@ struct AttnArgs {
     // Split along the sequence (flash-decoding): scratch of
     // attention_split_floats() floats, or null for one block per (row, KV head).
     float* split_scratch = nullptr;
-    // Prefill tiles on tensor cores (paged_attention_tiled).
+    // Prefill tiles on tensor cores (paged_attention_tiled); 16-bit caches
+    // with register_tiles by the FlashAttention-2-shaped kernel, otherwise
+    // through shared memory (WMMA).
     bool tensor_cores = false;
+    bool register_tiles = true;
     // Decode rows (16-bit caches, head_dim 64 or 128) by the ring-of-chunks
     // kernel; false: by the generic row kernel (as quantized caches).
     bool ring_decode = true;

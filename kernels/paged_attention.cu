@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
+#include <cstring>
+#include <type_traits>
 
 #include <cuda_pipeline.h>
 #include <mma.h>
@@ -699,6 +701,213 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_mma_k(AttnArgs a
     }
 }
 
+// ---------------------------------------------------------------- tiled, tensor cores, registers (16-bit cache)
+//
+// The same tiles computed as FlashAttention-2 does, every product in
+// registers (paged_attention_mma_k goes through shared memory for S, P and
+// O and copies K/V synchronously: ~20 TFLOP/s in the 8B model's prefill):
+// 4 warps, each owning 16 of the tile's 64 query vectors. Per chunk of 64
+// keys, S = Q K^T by mma.sync m16n8k16 (fp32 accumulation) into registers,
+// the online softmax on them (the 4 lanes of a quad share two query
+// vectors), P rounded to 16 bits in place as the A operand of O += P V, O in
+// registers. Fragments come from shared memory by ldmatrix; K/V chunks are
+// double-buffered by asynchronous copies. Q is rounded to 16 bits.
+constexpr int kFaThreads = 128;
+
+template <int HD>
+constexpr size_t fa_smem_bytes() { return (size_t(kTileQ) + 4 * size_t(kTileK)) * (HD + 8) * 2; }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// d += a b (m16n8k16, 16-bit inputs, fp32 accumulation).
+template <class T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two values as one 32-bit pair of T (lo in the low half).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    T t[2] = {from_f<T>(lo), from_f<T>(hi)};
+    uint32_t u;
+    memcpy(&u, t, 4);
+    return u;
+}
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, BatchDev b, KvLayout kv,
+                                                                     const int2* tiles) {
+    constexpr int L = HD + 8;     // row stride (elements): 16-byte rows, banks shifted by 4 words a row
+    constexpr int KS = HD / 16;   // k-steps of Q K^T
+    constexpr int NO = HD / 8;    // n-tiles of O
+    constexpr int V8 = HD / 8;    // 16-byte vectors a row
+    static_assert(HD % 16 == 0 && kTileQ == 64 && kTileK == 64);
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* const Qs = reinterpret_cast<T*>(smem_raw);  // [64][L]
+    T* const Kb = Qs + kTileQ * L;                 // [2][64][L]
+    T* const Vb = Kb + 2 * kTileK * L;             // [2][64][L]
+    const int group = a.nq / a.nkv;
+    const int2 tile = tiles[blockIdx.x];
+    const int kh = blockIdx.y;
+    const int nqv = tile.y * group;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < kTileQ * V8; i += kFaThreads) {
+        const int qv = i / V8, c = (i % V8) * 8;
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (qv < nqv) {
+            const float* src = a.q + size_t(tile.x + qv / group) * a.ld + size_t(kh * group + qv % group) * HD + c;
+            const float4 x0 = *reinterpret_cast<const float4*>(src), x1 = *reinterpret_cast<const float4*>(src + 4);
+            w = make_uint4(pack2<T>(x0.x, x0.y), pack2<T>(x0.z, x0.w), pack2<T>(x1.x, x1.y), pack2<T>(x1.z, x1.w));
+        }
+        *reinterpret_cast<uint4*>(Qs + qv * L + c) = w;
+    }
+    // This thread's two query vectors: rows lane / 4 and lane / 4 + 8 of its warp's 16.
+    const int q0 = warp * 16 + (lane >> 2);
+    const TileView v0 = tile_view(a, b, tile, q0, nqv, group), v1 = tile_view(a, b, tile, q0 + 8, nqv, group);
+    const int lo = v0.lo, hi = v0.hi;
+    const int* table = v0.table;
+    const T* cache = static_cast<const T*>(kv.base);
+    const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
+    // Copies chunk c0's K and V into buffer `buf` (one commit group); rows
+    // past the end are zero (P is 0 there, and 0 x garbage may be NaN).
+    const auto stage = [&](int c0, int buf) {
+        T* Ks = Kb + buf * kTileK * L;
+        T* Vs = Vb + buf * kTileK * L;
+        for (int i = tid; i < kTileK * V8; i += kFaThreads) {
+            const int kk = i / V8, c = (i % V8) * 8, ps = c0 + kk;
+            if (ps < hi) {
+                const T* kp = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
+                __pipeline_memcpy_async(Ks + kk * L + c, kp, 16);
+                __pipeline_memcpy_async(Vs + kk * L + c, kp + vdelta, 16);
+            } else {
+                *reinterpret_cast<uint4*>(Ks + kk * L + c) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4*>(Vs + kk * L + c) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        __pipeline_commit();
+    };
+    if (lo < hi) stage(lo, 0);
+    __syncthreads();  // Q is in shared memory
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int k = 0; k < KS; ++k)
+        ldsm_x4(qf[k], Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L + k * 16 + (lane >> 4) * 8);
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
+    for (int c0 = lo, buf = 0; c0 < hi; c0 += kTileK, buf ^= 1) {
+        __pipeline_wait_prior(0);
+        __syncthreads();  // chunk c0 has landed for every thread; every warp is done with the other buffer
+        if (c0 + kTileK < hi) stage(c0 + kTileK, buf ^ 1);
+        const T* Ks = Kb + buf * kTileK * L;
+        const T* Vs = Vb + buf * kTileK * L;
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                uint32_t kf[4];
+                ldsm_x4(kf, Ks + (np * 16 + (lane & 7) + (lane >> 4) * 8) * L + k * 16 + ((lane >> 3) & 1) * 8);
+                mma16816<T>(s[2 * np], qf[k], kf[0], kf[1]);
+                mma16816<T>(s[2 * np + 1], qf[k], kf[2], kf[3]);
+            }
+        // Mask (causal, window, inactive), then the online softmax of rows q0 and q0 + 8.
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = c0 + n * 8 + (lane & 3) * 2 + e;
+                s[n][e] = v0.active && key <= v0.my_pos && key >= v0.my_lo ? s[n][e] * a.scale : -INFINITY;
+                s[n][2 + e] = v1.active && key <= v1.my_pos && key >= v1.my_lo ? s[n][2 + e] * a.scale : -INFINITY;
+                mx0 = fmaxf(mx0, s[n][e]);
+                mx1 = fmaxf(mx1, s[n][2 + e]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // Rows with no visible key yet keep a base of 0 (exp(-inf) = 0, no NaN).
+        const float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float al0 = __expf(m0 - b0), al1 = __expf(m1 - b1);
+        m0 = mn0, m1 = mn1;
+        float ps0 = 0, ps1 = 0;
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[n][e] = __expf(s[n][e] - b0);
+                s[n][2 + e] = __expf(s[n][2 + e] - b1);
+                ps0 += s[n][e];
+                ps1 += s[n][2 + e];
+            }
+        l0 = l0 * al0 + ps0;  // this lane's share; the quad's shares are summed at the end
+        l1 = l1 * al1 + ps1;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) o[n][0] *= al0, o[n][1] *= al0, o[n][2] *= al1, o[n][3] *= al1;
+        // O += P V: P's accumulator layout is the A operand of 16 keys.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
+                                    pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                    pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+            for (int np = 0; np < NO / 2; ++np) {
+                uint32_t vf[4];
+                ldsm_x4_trans(vf, Vs + (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * L + np * 16 + (lane >> 4) * 8);
+                mma16816<T>(o[2 * np], pa, vf[0], vf[1]);
+                mma16816<T>(o[2 * np + 1], pa, vf[2], vf[3]);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    T* out = static_cast<T*>(a.out);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const TileView& v = h ? v1 : v0;
+        if (!v.active) continue;
+        const float inv = 1.0f / (h ? l1 : l0);
+        T* dst = out + size_t(v.my_row) * a.nq * HD + size_t(kh * group + (q0 + 8 * h) % group) * HD + (lane & 3) * 2;
+#pragma unroll
+        for (int n = 0; n < NO; ++n)
+            *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2<T>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+    }
+}
+
+template <class T, int HD>
+void launch_fa(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
+    constexpr size_t bytes = fa_smem_bytes<HD>();
+    allow_smem<paged_attention_fa_k<T, HD>>(bytes);
+    paged_attention_fa_k<T, HD><<<dim3(n, a.nkv), kFaThreads, bytes, s>>>(a, b, kv, tiles);
+}
+
 template <class T, int HD, int B>
 void launch_mma(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     const size_t bytes = mma_tile_bytes<HD>(sizeof(T));
@@ -725,15 +934,17 @@ void launch_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayo
 
 template <class T, int HD, int B>
 void launch_tiles(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
-    if (a.tensor_cores) launch_mma<T, HD, B>(a, b, kv, tiles, n, s);
+    if (a.tensor_cores && B == 16 && a.register_tiles) launch_fa<T, HD>(a, b, kv, tiles, n, s);
+    else if (a.tensor_cores) launch_mma<T, HD, B>(a, b, kv, tiles, n, s);
     else launch_tiled<T, HD, B>(a, b, kv, tiles, n, s);
 }
 
 }  // namespace
 
-// Enough (row, KV head, split) blocks for two waves on 132 SMs, at most 32
-// splits; none once rows x KV heads fill the GPU.
-constexpr int kTargetBlocks = 264;
+// Enough (row, KV head, split) blocks for two waves of the decode kernel (4
+// blocks an SM) on 132 SMs, at most 32 splits; none once rows x KV heads
+// reach that.
+constexpr int kTargetBlocks = 1056;
 
 int attention_splits(int n, int nkv) {
     if (n * nkv >= kTargetBlocks) return 1;

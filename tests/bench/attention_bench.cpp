@@ -4,8 +4,12 @@
 // decode rows, and the rate at which it reads K and V against the device's
 // copy bandwidth measured in the same run (a device-to-device copy of 1 GiB,
 // read + write). Each batch runs with the ring-of-chunks kernel ("ring") and
-// the generic row kernel ("generic", TM_CUDA_RING_DECODE=0). One JSON line
-// per batch and kernel. A build without CUDA prints nothing and exits 0.
+// the generic row kernel ("generic", TM_CUDA_RING_DECODE=0). Then prefill
+// chunks (whole prompts from position 0, tiled as the backend tiles them) on
+// tensor cores: TFLOP/s of the two products (4 x visible keys x heads x
+// head_dim a row) for the register kernel ("registers") and the shared-
+// memory one ("wmma", TM_CUDA_FA_PREFILL=0). One JSON line per batch and
+// kernel. A build without CUDA prints nothing and exits 0.
 //   attention_bench
 #include <cstdio>
 
@@ -122,6 +126,49 @@ int main() {
                         tmc::cuda::attention_splits(bt.rows, nkv));
         }
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dq), cudaFree(out), cudaFree(scratch);
+    }
+    // Prefill: `seqs` prompts of `len` tokens each, one step.
+    struct Prefill {
+        const char* name;
+        int seqs, len;
+    };
+    for (const Prefill& pf : {Prefill{"1x2048", 1, 2048}, Prefill{"8x512", 8, 512}, Prefill{"16x256", 16, 256},
+                              Prefill{"4x1024", 4, 1024}}) {
+        const int T = pf.seqs * pf.len, tr = tmc::cuda::attention_tile_rows(nq / nkv);
+        std::vector<int> positions, row_seq, block_offset, blocks, tiles;
+        size_t next = 0;
+        double flops = 0;
+        for (int q = 0; q < pf.seqs; ++q) {
+            block_offset.push_back(int(blocks.size()));
+            for (int b = 0; b < (pf.len + bs - 1) / bs; ++b) blocks.push_back(perm[next++ % perm.size()]);
+            for (int p = 0; p < pf.len; ++p) {
+                positions.push_back(p), row_seq.push_back(q);
+                flops += 4.0 * (p + 1) * nq * hd;
+            }
+            for (int r = 0; r < pf.len; r += tr) tiles.push_back(q * pf.len + r), tiles.push_back(std::min(tr, pf.len - r));
+        }
+        int *dpos = upload(positions), *dseq = upload(row_seq), *doff = upload(block_offset), *dblk = upload(blocks),
+            *dtiles = upload(tiles);
+        std::vector<float> qh(size_t(T) * qkv_ld, 0.01f);
+        float* dq = upload(qh);
+        void* out = nullptr;
+        check(cudaMalloc(&out, size_t(T) * nq * hd * 2), "cudaMalloc out");
+        const tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};
+        for (const bool regs : {true, false}) {
+            tmc::cuda::AttnArgs a{dq, qkv_ld, T, nq, nkv, hd, 0, 0.088f, 0, out};
+            a.tensor_cores = true, a.register_tiles = regs;
+            const double s = time_it(
+                [&] {
+                    tmc::cuda::paged_attention_tiled(tmc::cuda::Dt::BF16, a, bd, kv, reinterpret_cast<const int2*>(dtiles),
+                                                     int(tiles.size() / 2), nullptr);
+                },
+                10);
+            check(cudaGetLastError(), "paged_attention_tiled");
+            std::printf("{\"bench\": \"prefill_attention\", \"batch\": \"%s\", \"kernel\": \"%s\", \"us\": %.1f, "
+                        "\"TFLOPs\": %.1f}\n",
+                        pf.name, regs ? "registers" : "wmma", s * 1e6, flops / s / 1e12);
+        }
+        cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dtiles), cudaFree(dq), cudaFree(out);
     }
     cudaFree(cache);
     return 0;

@@ -389,13 +389,15 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         std::vector<int> last_rows;
         for (int s = 0, rb = 0; s < S; rb += rows[size_t(s)], ++s)
             last_rows.push_back(rb + rows[size_t(s)] - 1);
-        // Variant 3: the tiles on tensor cores; 4 and 5: 0 and 2 by the
-        // generic row kernel instead of the ring of chunks.
-        for (int variant = 0; variant < 6; ++variant) {
+        // Variant 3: the tiles on tensor cores (registers); 4 and 5: 0 and 2
+        // by the generic row kernel instead of the ring of chunks; 6: the
+        // tiles on tensor cores through shared memory (WMMA).
+        for (int variant = 0; variant < 7; ++variant) {
             uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
             tmc::cuda::AttnArgs aa{dq,    qkv_ld,    T,     sh.nq, sh.nkv,
                                    sh.hd, sh.window, scale, layer, out};
-            aa.tensor_cores = variant == 3;
+            aa.tensor_cores = variant == 3 || variant == 6;
+            aa.register_tiles = variant == 3;
             aa.ring_decode = variant < 4;
             if (variant == 0 || variant == 4) {
                 tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, nullptr, T, 0);
@@ -410,7 +412,7 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
                 CK(cudaDeviceSynchronize());
                 cudaFree(dr);
                 cudaFree(scratch);
-            } else {  // 1, 3
+            } else {  // 1, 3, 6
                 std::vector<int> tiles;
                 const int tr = tmc::cuda::attention_tile_rows(sh.nq / sh.nkv);
                 for (int s = 0, rb = 0; s < S; rb += rows[size_t(s)], ++s)
@@ -459,14 +461,15 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
                     o /= sum;
                     const bool is_last =
                         std::find(last_rows.begin(), last_rows.end(), r) != last_rows.end();
-                    for (int v = 0; v < 6; ++v) {
+                    for (int v = 0; v < 7; ++v) {
                         if ((v == 2 || v == 5) && !is_last) continue;
                         float g = tmc::bf16_to_f32(
                             outs[size_t(v)][size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
                         ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2)
-                            << (v == 5   ? "split (generic)"
+                            << (v == 6   ? "tiled (tensor cores, WMMA)"
+                                : v == 5 ? "split (generic)"
                                 : v == 4 ? "per row (generic)"
-                                : v == 3 ? "tiled (tensor cores)"
+                                : v == 3 ? "tiled (tensor cores, registers)"
                                 : v == 2 ? "split"
                                 : v      ? "tiled"
                                          : "per row")
