@@ -17,7 +17,7 @@ SHARED=$1
 C=${2:-.carry}
 B=${BUILD:-build}
 for f in "$B/bin/tm-run" "$B/bin/tm-convert" "$B/bin/tm-qparams" "$B/bin/tm-calib" "$B/tests/gpu-tests" \
-         "$B/bench/engine_bench" "$B/bench/allreduce_bench" "$B/bench/sampler_bench" "$B/bench/attention_bench"; do
+         "$B/bench/engine_bench" "$B/bench/allreduce_bench" "$B/bench/sampler_bench" "$B/bench/attention_bench" "$B/bench/gemm_bench"; do
     [ -x "$f" ] || { echo "device-carry: $f missing (run make with nvcc present)" >&2; exit 1; }
 done
 mkdir -p "$C/lib"
@@ -26,7 +26,7 @@ trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/bin"
 for f in tm-run tm-convert tm-qparams tm-calib; do strip -o "$STAGE/bin/$f" "$B/bin/$f"; done
 strip -o "$STAGE/bin/gpu-tests" "$B/tests/gpu-tests"
-for f in engine_bench allreduce_bench sampler_bench attention_bench; do strip -o "$STAGE/bin/$f" "$B/bench/$f"; done
+for f in engine_bench allreduce_bench sampler_bench attention_bench gemm_bench; do strip -o "$STAGE/bin/$f" "$B/bench/$f"; done
 tar czf "$C/bin.tar.gz" -C "$STAGE" bin
 # The libraries the binaries load that are not part of the CUDA image.
 ldd "$B/bin/tm-run" | awk '/simdjson/ {print $3}' | while read -r so; do cp -L "$so" "$C/lib/"; done

@@ -325,10 +325,11 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
                                     std::to_string(block_size));
     im->max_ctx = int(std::min<int64_t>(session_len, int64_t(num_blocks) * block_size));
     im->max_batch_tokens = batch_tokens;
-    // Default sequences per step: 256 on the CPU, 512 on a GPU (offline
-    // throughput of the 8B model on an H100: 7,228 output tokens/s against
-    // 6,916 with 256, in the same run).
-    im->max_batch_size = opt.max_batch_size > 0 ? opt.max_batch_size : on_gpu ? 512 : 256;
+    // Default sequences per step: 256 on the CPU, 1024 on a GPU (offline
+    // throughput of the 8B model on an H100, 1000 requests: 8,787 output
+    // tokens/s against 8,566 with 512, in the same run; every request starts
+    // early, so fewer long ones are left alone at the end).
+    im->max_batch_size = opt.max_batch_size > 0 ? opt.max_batch_size : on_gpu ? 1024 : 256;
     im->max_batch_size = std::min(im->max_batch_size, im->max_batch_tokens);
     BackendLimits lim;
     lim.num_blocks = num_blocks;

@@ -10,7 +10,8 @@
 // head_dim a row) for the register kernel ("registers") and the shared-
 // memory one ("wmma", TM_CUDA_FA_PREFILL=0). One JSON line per batch and
 // kernel. A build without CUDA prints nothing and exits 0.
-//   attention_bench
+//   attention_bench [REQUESTS.jsonl]   (with it, decode batches whose contexts
+//   are drawn from the requests: prompt + part of the output)
 #include <cstdio>
 
 #if TM_WITH_CUDA
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -58,38 +60,24 @@ double time_it(F&& f, int reps) {
 }
 
 struct Batch {
-    const char* name;
-    int rows, lo, hi;  // contexts uniform in [lo, hi]
+    std::string name;
+    int rows, lo, hi;      // contexts uniform in [lo, hi]
+    std::vector<int> ctx = {};  // or these
 };
 
-}  // namespace
-
-int main() {
+// The decode batches over one layout of the cache: `layers` layers in each
+// block (the backend's layout: a block holds every layer), attending
+// layer `layer`; with `generic`, the generic kernel too.
+void decode_batches(const std::vector<Batch>& batches, int layers, int layer, size_t pool_bytes, double copy_gbs,
+                    bool generic, std::mt19937& g) {
     const int nq = 32, nkv = 8, hd = 128, bs = 64;
-    const size_t pool_tokens = size_t(1) << 21;  // 2 M tokens: 8 GiB of one layer's K and V
     tmc::cuda::KvLayout kv;
-    kv.layers = 1, kv.kv_heads = nkv, kv.head_dim = hd, kv.block_size = bs;
-    const int pool_blocks = int(pool_tokens / bs);
+    kv.layers = layers, kv.kv_heads = nkv, kv.head_dim = hd, kv.block_size = bs;
+    const int pool_blocks = int(pool_bytes / kv.block_bytes());
     void* cache = nullptr;
     check(cudaMalloc(&cache, size_t(pool_blocks) * kv.block_bytes()), "cudaMalloc cache");
     check(cudaMemset(cache, 0x3c, size_t(pool_blocks) * kv.block_bytes()), "fill cache");
     kv.base = cache;
-
-    // The roofline: a device-to-device copy (bytes read + written per second).
-    const size_t copy_bytes = size_t(1) << 30;
-    void *src = nullptr, *dst = nullptr;
-    check(cudaMalloc(&src, copy_bytes), "cudaMalloc"), check(cudaMalloc(&dst, copy_bytes), "cudaMalloc");
-    const double copy_s = time_it([&] { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, 10);
-    const double copy_gbs = 2.0 * double(copy_bytes) / copy_s / 1e9;
-    cudaFree(src), cudaFree(dst);
-    std::printf("{\"bench\": \"copy_bandwidth\", \"value\": %.1f, \"unit\": \"GB/s\"}\n", copy_gbs);
-
-    const std::vector<Batch> batches = {
-        {"1x4096", 1, 4096, 4096},          {"16x1024", 16, 1024, 1024},  {"64x64-1024", 64, 64, 1024},
-        {"181x64-800", 181, 64, 800},       {"279x64-900", 279, 64, 900}, {"512x64-1024", 512, 64, 1024},
-        {"512x200-600", 512, 200, 600},     {"256x2048", 256, 2048, 2048}, {"128x32-4096", 128, 32, 4096},
-    };
-    std::mt19937 g(7);
     std::vector<int> perm(static_cast<size_t>(pool_blocks));
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), g);
@@ -100,7 +88,7 @@ int main() {
         double kv_bytes = 0;
         size_t next = 0;
         for (int r = 0; r < bt.rows; ++r) {
-            const int ctx = len(g);
+            const int ctx = bt.ctx.empty() ? len(g) : bt.ctx[size_t(r)];
             positions.push_back(ctx - 1), row_seq.push_back(r), block_offset.push_back(int(blocks.size()));
             for (int b = 0; b < (ctx + bs - 1) / bs; ++b) blocks.push_back(perm[next++ % perm.size()]);
             kv_bytes += double(ctx) * nkv * hd * 2 * 2;
@@ -114,19 +102,79 @@ int main() {
         check(cudaMalloc(&scratch, tmc::cuda::attention_split_floats(nq, nkv, hd) * 4), "cudaMalloc scratch");
         const tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};
         for (const bool ring : {true, false}) {
-            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, 0, out, scratch};
+            if (!ring && !generic) continue;
+            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, layer, out, scratch};
             a.ring_decode = ring;
             const double s = time_it(
                 [&] { tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, a, bd, kv, nullptr, bt.rows, nullptr); }, 20);
             check(cudaGetLastError(), "paged_attention");
             const double gbs = kv_bytes / s / 1e9;
-            std::printf("{\"bench\": \"decode_attention\", \"batch\": \"%s\", \"kernel\": \"%s\", \"us\": %.1f, "
-                        "\"GBps\": %.1f, \"of_copy_bw\": %.3f, \"splits\": %d}\n",
-                        bt.name, ring ? "ring" : "generic", s * 1e6, gbs, gbs / copy_gbs,
+            std::printf("{\"bench\": \"decode_attention\", \"batch\": \"%s\", \"layers\": %d, \"kernel\": \"%s\", "
+                        "\"us\": %.1f, \"GBps\": %.1f, \"of_copy_bw\": %.3f, \"splits\": %d}\n",
+                        bt.name.c_str(), layers, ring ? "ring" : "generic", s * 1e6, gbs, gbs / copy_gbs,
                         tmc::cuda::attention_splits(bt.rows, nkv));
         }
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dq), cudaFree(out), cudaFree(scratch);
     }
+    cudaFree(cache);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const int nq = 32, nkv = 8, hd = 128, bs = 64;
+    // The roofline: a device-to-device copy (bytes read + written per second).
+    const size_t copy_bytes = size_t(1) << 30;
+    void *src = nullptr, *dst = nullptr;
+    check(cudaMalloc(&src, copy_bytes), "cudaMalloc"), check(cudaMalloc(&dst, copy_bytes), "cudaMalloc");
+    const double copy_s = time_it([&] { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, 10);
+    const double copy_gbs = 2.0 * double(copy_bytes) / copy_s / 1e9;
+    cudaFree(src), cudaFree(dst);
+    std::printf("{\"bench\": \"copy_bandwidth\", \"value\": %.1f, \"unit\": \"GB/s\"}\n", copy_gbs);
+
+    std::vector<Batch> batches = {
+        {"1x4096", 1, 4096, 4096},          {"16x1024", 16, 1024, 1024},  {"64x64-1024", 64, 64, 1024},
+        {"181x64-800", 181, 64, 800},       {"279x64-900", 279, 64, 900}, {"512x64-1024", 512, 64, 1024},
+        {"512x200-600", 512, 200, 600},     {"256x2048", 256, 2048, 2048}, {"128x32-4096", 128, 32, 4096},
+        {"512x16-128", 512, 16, 128},
+    };
+    std::mt19937 g(7);
+    // Decode rows as an offline run of a request file has them: each
+    // request's prompt plus part of its output.
+    if (argc > 1) {
+        std::vector<std::pair<int, int>> req;
+        if (FILE* f = std::fopen(argv[1], "r")) {
+            char line[256];
+            int in = 0, out = 0;
+            while (std::fgets(line, sizeof line, f))
+                if (std::sscanf(line, "{\"input_len\": %d, \"output_len\": %d", &in, &out) == 2) req.push_back({in, out});
+            std::fclose(f);
+        }
+        for (int rows : {92, 187, 372, 685}) {
+            if (req.empty()) break;
+            Batch b{"requests-" + std::to_string(rows), rows, 0, 0};
+            for (int r = 0; r < rows; ++r) {
+                const auto& q = req[size_t(g() % req.size())];
+                b.ctx.push_back(q.first + 1 + int(g() % unsigned(q.second + 1)));
+            }
+            batches.push_back(b);
+        }
+    }
+    decode_batches(batches, 1, 0, size_t(8) << 30, copy_gbs, true, g);
+    // The backend's layout: 32 layers a block, 40 GB of cache.
+    decode_batches(batches, 32, 17, size_t(40) << 30, copy_gbs, false, g);
+    tmc::cuda::KvLayout kv;
+    kv.layers = 1, kv.kv_heads = nkv, kv.head_dim = hd, kv.block_size = bs;
+    const size_t pool_tokens = size_t(1) << 21;
+    const int pool_blocks = int(pool_tokens / bs);
+    void* cache = nullptr;
+    check(cudaMalloc(&cache, size_t(pool_blocks) * kv.block_bytes()), "cudaMalloc cache");
+    check(cudaMemset(cache, 0x3c, size_t(pool_blocks) * kv.block_bytes()), "fill cache");
+    kv.base = cache;
+    std::vector<int> perm(static_cast<size_t>(pool_blocks));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), g);
+    const int qkv_ld = (nq + 2 * nkv) * hd;
     // Prefill: `seqs` prompts of `len` tokens each, one step.
     struct Prefill {
         const char* name;

@@ -5,6 +5,8 @@
 // the residual stream and logits fp32.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -501,6 +503,21 @@ float* CudaBackend::forward(const BatchPlan& plan) {
                 *single++ = r;
             }
         }
+    }
+    {
+        // Longest first: the attention kernels' blocks start roughly in list
+        // order, so long contexts do not start last and leave SMs idle at
+        // the end of a large decode batch (LPT order). Work of a row or tile
+        // is its visible keys.
+        const int* pos = m + ml.positions;
+        const int w = cfg_.sliding_window;
+        const auto keys = [pos, w](int r) { return w > 0 ? std::min(pos[r] + 1, w) : pos[r] + 1; };
+        int* single = m + ml.single;
+        std::stable_sort(single, single + n_single, [&](int a, int b) { return keys(a) > keys(b); });
+        auto* tiles = reinterpret_cast<std::array<int, 2>*>(m + ml.tiles);
+        std::stable_sort(tiles, tiles + n_tiles, [&](const std::array<int, 2>& a, const std::array<int, 2>& b) {
+            return keys(a[0] + a[1] - 1) > keys(b[0] + b[1] - 1);
+        });
     }
     check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
 

@@ -37,7 +37,7 @@ struct EngineOptions {
     int64_t cache_tokens = 0;      // KV pool size in tokens; 0: from cache_bytes
     int64_t cache_bytes = 0;       // KV pool size in bytes; 0: the backend's default
     int max_batch_tokens = 0;      // tokens per step (decode + prefill chunks); 0: 512 on the CPU, 4096 on a GPU
-    int max_batch_size = 0;        // sequences per step; 0: 256 on the CPU, 512 on a GPU
+    int max_batch_size = 0;        // sequences per step; 0: 256 on the CPU, 1024 on a GPU
     int quant_policy = -1;         // KV cache: 0 (16/32-bit), 8 (int8), 4 (int4); -1: config.ini's
     int tp = 0;                    // tensor-parallel ranks; 0: the workspace's (must match it)
     std::string chat_template;     // built-in name or template text; empty: the tokenizer's

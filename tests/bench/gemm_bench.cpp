@@ -1,0 +1,141 @@
+// The projections of the 8B model (bf16 weights, fp32 or bf16 outputs, as
+// the CUDA backend calls them) at the row counts of decode and mixed steps:
+// microseconds of cublasGemmEx's default algorithm (what the backend runs),
+// of cuBLASLt's first heuristic, and of the fastest of its first 16
+// heuristics, each timed; and TFLOP/s of the default. It tells whether
+// choosing algorithms per shape is worth it. One JSON line per (shape, rows).
+// A build without CUDA prints nothing and exits 0.
+//   gemm_bench
+#include <cstdio>
+
+#if TM_WITH_CUDA
+#include <cublasLt.h>
+#include <cublas_api.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#include "backend/cuda/cublas_dyn.hpp"
+#include "base/dynlib.hpp"
+
+namespace {
+
+struct Lt {
+    cublasStatus_t (*create)(cublasLtHandle_t*);
+    cublasStatus_t (*desc_create)(cublasLtMatmulDesc_t*, cublasComputeType_t, cudaDataType_t);
+    cublasStatus_t (*desc_set)(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, const void*, size_t);
+    cublasStatus_t (*layout_create)(cublasLtMatrixLayout_t*, cudaDataType, uint64_t, uint64_t, int64_t);
+    cublasStatus_t (*pref_create)(cublasLtMatmulPreference_t*);
+    cublasStatus_t (*pref_set)(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t, const void*, size_t);
+    cublasStatus_t (*heuristic)(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t, int,
+                                cublasLtMatmulHeuristicResult_t*, int*);
+    cublasStatus_t (*matmul)(cublasLtHandle_t, cublasLtMatmulDesc_t, const void*, const void*, cublasLtMatrixLayout_t,
+                             const void*, cublasLtMatrixLayout_t, const void*, const void*, cublasLtMatrixLayout_t,
+                             void*, cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t);
+};
+
+template <class F>
+double time_it(F&& f, int reps) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a), cudaEventCreate(&b);
+    for (int i = 0; i < 2; ++i) f();
+    cudaEventRecord(a);
+    for (int i = 0; i < reps; ++i) f();
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    cudaEventDestroy(a), cudaEventDestroy(b);
+    return ms * 1e3 / reps;
+}
+
+}  // namespace
+
+int main() {
+    const tmc::DynLib lib("cuBLASLt", {"libcublasLt.so.13", "libcublasLt.so", "/usr/local/cuda/lib64/libcublasLt.so.13"});
+    Lt lt;
+    lib.get(lt.create, "cublasLtCreate");
+    lib.get(lt.desc_create, "cublasLtMatmulDescCreate");
+    lib.get(lt.desc_set, "cublasLtMatmulDescSetAttribute");
+    lib.get(lt.layout_create, "cublasLtMatrixLayoutCreate");
+    lib.get(lt.pref_create, "cublasLtMatmulPreferenceCreate");
+    lib.get(lt.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+    lib.get(lt.heuristic, "cublasLtMatmulAlgoGetHeuristic");
+    lib.get(lt.matmul, "cublasLtMatmul");
+    const auto& cb = tmc::cuda::cublas();
+    cublasHandle_t h;
+    cb.create(&h);
+    cublasLtHandle_t lh;
+    lt.create(&lh);
+    const size_t ws_bytes = size_t(32) << 20;
+    void* ws = nullptr;
+    cudaMalloc(&ws, ws_bytes);
+    cb.set_workspace(h, ws, ws_bytes);
+    struct Shape {
+        const char* name;
+        int n, k;
+        bool f32_out;
+    };
+    const std::vector<Shape> shapes = {
+        {"qkv", 6144, 4096, true}, {"o", 4096, 4096, true}, {"gate_up", 28672, 4096, false}, {"down", 4096, 14336, true}};
+    const std::vector<int> rows = {23, 49, 92, 176, 381, 736, 1412, 3577};
+    const int max_rows = 3577;
+    void *w = nullptr, *x = nullptr, *y = nullptr;
+    cudaMalloc(&w, size_t(28672) * 14336 * 2);
+    cudaMalloc(&x, size_t(max_rows) * 14336 * 2);
+    cudaMalloc(&y, size_t(max_rows) * 28672 * 4);
+    cudaMemset(w, 0x3c, size_t(28672) * 14336 * 2);
+    cudaMemset(x, 0x3c, size_t(max_rows) * 14336 * 2);
+    const float alpha = 1.0f, beta = 0.0f;
+    for (const Shape& s : shapes)
+        for (int m : rows) {
+            const cudaDataType yt = s.f32_out ? CUDA_R_32F : CUDA_R_16BF;
+            // Row-major Y[m, n] = X[m, k] W[n, k]^T as column-major Y^T = W^T' X^T.
+            const double us_default = time_it(
+                [&] {
+                    cb.gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, w, CUDA_R_16BF, s.k, x, CUDA_R_16BF,
+                               s.k, &beta, y, yt, s.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                },
+                20);
+            cublasLtMatmulDesc_t d;
+            lt.desc_create(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+            const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+            lt.desc_set(d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+            lt.desc_set(d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+            cublasLtMatrixLayout_t la, lb, lc;
+            lt.layout_create(&la, CUDA_R_16BF, uint64_t(s.k), uint64_t(s.n), s.k);
+            lt.layout_create(&lb, CUDA_R_16BF, uint64_t(s.k), uint64_t(m), s.k);
+            lt.layout_create(&lc, yt, uint64_t(s.n), uint64_t(m), s.n);
+            cublasLtMatmulPreference_t pref;
+            lt.pref_create(&pref);
+            const uint64_t wsb = ws_bytes;
+            lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
+            cublasLtMatmulHeuristicResult_t res[16];
+            int got = 0;
+            lt.heuristic(lh, d, la, lb, lc, lc, pref, 16, res, &got);
+            double first = 0, best = 1e30;
+            int best_i = -1;
+            for (int i = 0; i < got; ++i) {
+                const double us = time_it(
+                    [&] {
+                        lt.matmul(lh, d, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws, ws_bytes, nullptr);
+                    },
+                    20);
+                if (cudaGetLastError() != cudaSuccess) continue;
+                if (i == 0) first = us;
+                if (us < best) best = us, best_i = i;
+            }
+            const double tf = 2.0 * m * s.n * double(s.k) / (us_default * 1e-6) / 1e12;
+            std::printf("{\"bench\": \"gemm\", \"shape\": \"%s\", \"rows\": %d, \"us_default\": %.1f, \"us_lt_first\": "
+                        "%.1f, \"us_lt_best\": %.1f, \"best_index\": %d, \"of\": %d, \"x_best\": %.3f, \"TFLOPs\": "
+                        "%.1f}\n",
+                        s.name, m, us_default, first, best, best_i, got, us_default / best, tf);
+        }
+    return 0;
+}
+#else
+int main() { return 0; }
+#endif
