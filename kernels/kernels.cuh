@@ -126,8 +126,8 @@ struct AttnArgs {
     float scale;
     int layer;
     void* out;
-    // Split along the sequence (flash-decoding): scratch of
-    // attention_split_floats() floats, or null for one block per (row, KV head).
+    // Rows split along the sequence (flash-decoding): scratch of
+    // attention_item_floats(capacity) floats; null when no row is split.
     float* split_scratch = nullptr;
     // Prefill tiles on tensor cores (paged_attention_tiled); 16-bit caches
     // with register_tiles by the FlashAttention-2-shaped kernel, otherwise
@@ -138,21 +138,28 @@ struct AttnArgs {
     // kernel; false: by the generic row kernel (as quantized caches).
     bool ring_decode = true;
 };
-// One block per (row, KV head, split of the sequence), for the rows listed
-// in `rows` (n of them; null: rows 0..T-1); a second kernel merges the
-// splits. The split count depends on n only (so a captured graph stays
-// valid as sequences grow): enough blocks to fill the GPU. Suits decode rows.
-void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, int n,
-                     cudaStream_t s);
-int attention_splits(int n, int nkv);
-// Scratch floats the split kernel needs for any n (nq query heads of head_dim hd).
-size_t attention_split_floats(int nq, int nkv, int hd);
+// Decode rows (and prompt chunks of under 4 rows) as a list of work items,
+// each a row's whole visible range or a piece of it: one block per (item,
+// KV head); a second kernel merges the pieces of split rows. The host plans
+// the items each step (plan_decode_items); the grid is the capacity for n
+// rows, fixed by n alone, so a captured graph stays valid as sequences grow.
+// Items {row, piece, pieces of the row, 0}, unused ones {-1, ...};
+// row_items[i] = {first item, items} of the i-th row.
+int decode_item_capacity(int n, int nkv);
+size_t attention_item_floats(int capacity, int nq, int hd);
+// Items for rows[0, n) with lens[i] visible keys each, longest rows' pieces
+// first as the rows are ordered; split = false: one item a row (no scratch
+// needed). Fills items[decode_item_capacity(n, nkv)] and row_items[n].
+void plan_decode_items(const int* rows, const int* lens, int n, int nkv, bool split, int4* items, int2* row_items);
+void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* items,
+                     int capacity, const int2* row_items, int n_rows, cudaStream_t s);
 // Prefill chunks: each tile is {first row, row count} of consecutive rows of
 // one sequence (count <= attention_tile_rows(group)); one block per (tile,
 // KV head) loads each chunk of K/V into shared memory once for all the
 // tile's query rows. Returns false (launching nothing) for a head_dim it
 // has no instance for; use paged_attention() then.
 int attention_tile_rows(int group);
+bool attention_tiles_supported(int hd);  // head sizes paged_attention_tiled has instances for
 bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles,
                            int n_tiles, cudaStream_t s);
 

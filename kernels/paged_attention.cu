@@ -29,7 +29,7 @@ constexpr int kThreads = 128;
 constexpr int kChunk = 64;
 constexpr int kMaxGroup = 8;
 constexpr int kMaxHd = 256;
-constexpr int kMaxSplits = 32;  // at most one warp's worth: merge_splits_k weighs them in one warp
+constexpr int kMaxSplits = 32;  // pieces of a row at most: merge_items_k weighs them in one warp
 
 // One warp's online-softmax step over a chunk of one head's scores p[0, n):
 // p becomes exp(p - new max), the running max and sum move on; returns the
@@ -53,12 +53,14 @@ __device__ inline float softmax_chunk(float* p, int n, float& m_run, float& l_ru
 }
 
 template <class T, int B>
-__global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
+__global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
     __shared__ float q[kMaxGroup][kMaxHd];
     __shared__ float p[kMaxGroup][kChunk];
     __shared__ float alpha[kMaxGroup];
     __shared__ float inv_l[kMaxGroup];
-    const int r = rows ? rows[blockIdx.x] : blockIdx.x, kh = blockIdx.y;
+    const int4 it = items[blockIdx.x];  // {row, split, splits of the row}; row -1: no work
+    if (it.x < 0) return;
+    const int r = it.x, kh = blockIdx.y;
     const int hd = a.hd, group = a.nq / a.nkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kThreads / 32;
     const int pos = b.positions[r];
@@ -66,8 +68,8 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     const int* table = b.blocks + b.block_offset[seq];
     const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
     // This block's share of the visible positions (all of them without splits).
-    const int nsplit = gridDim.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
-    const int begin = min(vis_end, vis_begin + int(blockIdx.z) * span), end = min(vis_end, begin + span);
+    const int nsplit = it.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
+    const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
     const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * hd;
     for (int i = threadIdx.x; i < group * hd; i += kThreads) q[i / hd][i % hd] = qr[i];
     // Running max and sum per head, kept by warp (g % nwarps), lane 0.
@@ -115,10 +117,10 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     if (nsplit > 1) {
         // Unnormalized partial results: acc, then (max, sum) per query head.
         float* part = a.split_scratch;
-        const size_t ml0 = size_t(gridDim.x) * a.nq * nsplit * hd;
+        const size_t ml0 = size_t(gridDim.x) * a.nq * hd;
         for (int g = warp, k = 0; g < group; g += nwarps, ++k)
             if (lane == 0) {
-                const size_t e = (size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z;
+                const size_t e = size_t(blockIdx.x) * a.nq + kh * group + g;
                 part[ml0 + 2 * e] = m_run[k];
                 part[ml0 + 2 * e + 1] = l_run[k];
             }
@@ -126,7 +128,7 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
             const int i = threadIdx.x + c * kThreads;
             if (i >= hd) break;
             for (int g = 0; g < group; ++g)
-                part[((size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z) * hd + i] = acc[g][c];
+                part[(size_t(blockIdx.x) * a.nq + kh * group + g) * hd + i] = acc[g][c];
         }
         return;
     }
@@ -164,6 +166,10 @@ constexpr int kRingChunk = 32;
 #define TM_DECODE_RING_STAGES 3
 #endif
 constexpr int kDecodeRingStages = TM_DECODE_RING_STAGES;
+#ifndef TM_DECODE_MIN_BLOCKS
+#define TM_DECODE_MIN_BLOCKS 1
+#endif
+constexpr int kDecodeMinBlocks = TM_DECODE_MIN_BLOCKS;  // blocks an SM the registers must allow
 
 template <int HD, int G, int RS>
 constexpr size_t ring_smem_bytes() {
@@ -199,7 +205,7 @@ __device__ __forceinline__ float reduce_heads(float (&v)[G], int lane, int& head
 }
 
 template <class T, int HD, int G, int RS>
-__global__ void __launch_bounds__(kThreads) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int* rows) {
+__global__ void __launch_bounds__(kThreads, kDecodeMinBlocks) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
     constexpr int C = kRingChunk, KL = HD + 8, V8 = HD / 8;
     constexpr int TPK = V8;                  // threads per key in the scores
     constexpr int KPP = kThreads / TPK;      // keys per pass of the scores
@@ -211,14 +217,16 @@ __global__ void __launch_bounds__(kThreads) paged_decode_k(AttnArgs a, BatchDev 
     T* const Vb = Kb + RS * C * KL;           // [RS][C][KL]
     __shared__ __align__(16) float p[C][G];
     __shared__ float alpha[G], inv_l[G];
-    const int r = rows ? rows[blockIdx.x] : blockIdx.x, kh = blockIdx.y;
+    const int4 it = items[blockIdx.x];  // {row, split, splits of the row}; row -1: no work
+    if (it.x < 0) return;
+    const int r = it.x, kh = blockIdx.y;
     const int group = a.nq / a.nkv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int pos = b.positions[r];
     const int* table = b.blocks + b.block_offset[b.row_seq[r]];
     const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
-    const int nsplit = gridDim.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
-    const int begin = min(vis_end, vis_begin + int(blockIdx.z) * span), end = min(vis_end, begin + span);
+    const int nsplit = it.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
+    const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
     // This thread's 8 channels of the G query vectors (scaled), for the scores.
@@ -358,12 +366,12 @@ __global__ void __launch_bounds__(kThreads) paged_decode_k(AttnArgs a, BatchDev 
     if (nsplit > 1) {
         // Unnormalized partial results, then (max, sum) per query head.
         float* part_ = a.split_scratch;
-        const size_t ml0 = size_t(gridDim.x) * a.nq * nsplit * HD;
+        const size_t ml0 = size_t(gridDim.x) * a.nq * HD;
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
             const int g = warp + 4 * k;
             if (g < G && g < group && lane == 0) {
-                const size_t e = (size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z;
+                const size_t e = size_t(blockIdx.x) * a.nq + kh * group + g;
                 part_[ml0 + 2 * e] = m_run[k];
                 part_[ml0 + 2 * e + 1] = l_run[k];
             }
@@ -376,25 +384,31 @@ __global__ void __launch_bounds__(kThreads) paged_decode_k(AttnArgs a, BatchDev 
 #pragma unroll
         for (int ph = 0; ph < KPH; ++ph) v += fold[(size_t(ph) * G + g) * HD + c];
         if (nsplit > 1)
-            a.split_scratch[((size_t(blockIdx.x) * a.nq + kh * group + g) * nsplit + blockIdx.z) * HD + c] = v;
+            a.split_scratch[(size_t(blockIdx.x) * a.nq + kh * group + g) * HD + c] = v;
         else
             static_cast<T*>(a.out)[size_t(r) * a.nq * HD + size_t(kh * group + g) * HD + c] = from_f<T>(v * inv_l[g]);
     }
 }
 
-// Merges the splits of paged_attention_k: one block per (row, query head);
-// the splits' weights are computed once, in shared memory.
+// Merges the items of rows split along the sequence: one block per (row,
+// query head), rows of one item return at once; the items' weights are
+// computed once, in shared memory. Item i's partial results: its
+// unnormalized output at part[(i nq + h) hd], its (max, sum) at
+// part[capacity nq hd + 2 (i nq + h)].
 template <class T>
-__global__ void merge_splits_k(AttnArgs a, const int* rows, int nsplit) {
+__global__ void merge_items_k(AttnArgs a, const int4* items, const int2* row_items, int capacity) {
     __shared__ float w[kMaxSplits];
     __shared__ float inv_l;
-    const int r = rows ? rows[blockIdx.x] : blockIdx.x, h = blockIdx.y, hd = a.hd;
+    const int2 ri = row_items[blockIdx.x];  // {first item, items}
+    const int nsplit = ri.y;
+    if (nsplit <= 1) return;
+    const int r = items[ri.x].x, h = blockIdx.y, hd = a.hd;
     const float* part = a.split_scratch;
-    const size_t e0 = (size_t(blockIdx.x) * a.nq + h) * nsplit;
-    const float* ml = part + size_t(gridDim.x) * a.nq * nsplit * hd + 2 * e0;
+    const float* ml = part + size_t(capacity) * a.nq * hd;
     if (threadIdx.x < 32) {
         const int z = threadIdx.x;
-        const float mz = z < nsplit ? ml[2 * z] : -FLT_MAX, lz = z < nsplit ? ml[2 * z + 1] : 0.0f;
+        const size_t e = (size_t(ri.x) + z) * a.nq + h;
+        const float mz = z < nsplit ? ml[2 * e] : -FLT_MAX, lz = z < nsplit ? ml[2 * e + 1] : 0.0f;
         const float m = warp_max(mz);
         const float wz = z < nsplit ? __expf(mz - m) : 0.0f;
         const float l = warp_sum(lz * wz);
@@ -405,7 +419,7 @@ __global__ void merge_splits_k(AttnArgs a, const int* rows, int nsplit) {
     T* out = static_cast<T*>(a.out) + size_t(r) * a.nq * hd + size_t(h) * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float v = 0;
-        for (int z = 0; z < nsplit; ++z) v += part[(e0 + z) * hd + i] * w[z];
+        for (int z = 0; z < nsplit; ++z) v += part[((size_t(ri.x) + z) * a.nq + h) * hd + i] * w[z];
         out[i] = from_f<T>(v * inv_l);
     }
 }
@@ -916,7 +930,7 @@ void launch_mma(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const 
 }
 
 template <class T, int HD, int G>
-void launch_ring(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, cudaStream_t s) {
+void launch_ring(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* rows, cudaStream_t s) {
     constexpr int RS = kDecodeRingStages;
     constexpr size_t bytes = ring_smem_bytes<HD, G, RS>();
     allow_smem<paged_decode_k<T, HD, G, RS>>(bytes);
@@ -924,7 +938,7 @@ void launch_ring(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout
 }
 
 template <class T, int HD>
-void launch_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, cudaStream_t s) {
+void launch_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* rows, cudaStream_t s) {
     const int group = a.nq / a.nkv;
     if (group <= 1) return launch_ring<T, HD, 1>(grid, a, b, kv, rows, s);
     if (group <= 2) return launch_ring<T, HD, 2>(grid, a, b, kv, rows, s);
@@ -941,38 +955,56 @@ void launch_tiles(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
 
 }  // namespace
 
-// Enough (row, KV head, split) blocks for two waves of the decode kernel (4
-// blocks an SM) on 132 SMs, at most 32 splits; none once rows x KV heads
-// reach that.
+// Work items of decode rows: enough (item, KV head) blocks for two waves of
+// the decode kernel (4 blocks an SM) on 132 SMs when rows are few, and as
+// many items again as rows when they are many, so that a context longer than
+// the mean is cut into pieces of about that (in a batch of skewed contexts
+// the longest row alone would otherwise set the kernel's time;
+// attention_bench, rows drawn from sharegpt-like-1000: 31-70% of the copy
+// bandwidth with whole rows, 60-76% in pieces). Pieces of a short batch
+// cost a little where contexts are even (512 rows of 200-600: 84% -> 78%).
 constexpr int kTargetBlocks = 1056;
+constexpr int kMinItemKeys = 128;  // no item shorter than 4 chunks of 32 keys (unless its row is)
 
-int attention_splits(int n, int nkv) {
-    if (n * nkv >= kTargetBlocks) return 1;
-    return std::min(kMaxSplits, (kTargetBlocks + n * nkv - 1) / (n * nkv));
+int decode_item_capacity(int n, int nkv) { return n + std::max(n, (kTargetBlocks + nkv - 1) / nkv); }
+
+size_t attention_item_floats(int capacity, int nq, int hd) { return size_t(capacity) * size_t(nq) * (size_t(hd) + 2); }
+
+void plan_decode_items(const int* rows, const int* lens, int n, int nkv, bool split, int4* items, int2* row_items) {
+    const int cap = decode_item_capacity(n, nkv), extra = cap - n;
+    long long total = 0;
+    int longest = 0;
+    for (int i = 0; i < n; ++i) total += lens[i], longest = std::max(longest, lens[i]);
+    // At most `extra` pieces beyond one a row: sum of ceil(len / S) <= n + total / S.
+    const long long S = std::max<long long>({kMinItemKeys, (total + extra - 1) / extra,
+                                             (longest + kMaxSplits - 1) / kMaxSplits});
+    int k = 0;
+    for (int i = 0; i < n; ++i) {
+        const int nz = split ? int(std::max<long long>(1, (lens[i] + S - 1) / S)) : 1;
+        row_items[i] = make_int2(k, nz);
+        for (int z = 0; z < nz; ++z) items[k++] = make_int4(rows[i], z, nz, 0);
+    }
+    for (; k < cap; ++k) items[k] = make_int4(-1, 0, 0, 0);
 }
 
-size_t attention_split_floats(int nq, int nkv, int hd) {
-    size_t most = 0;
-    for (int n = 1; n * nkv < kTargetBlocks; ++n) most = std::max(most, size_t(n) * attention_splits(n, nkv));
-    return most * size_t(nq) * (size_t(hd) + 2);
-}
-
-void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int* rows, int n,
-                     cudaStream_t s) {
-    if (n == 0) return;
-    const int nsplit = a.split_scratch ? attention_splits(n, a.nkv) : 1;
-    dim3 grid(n, a.nkv, nsplit);
+void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* items,
+                     int capacity, const int2* row_items, int n_rows, cudaStream_t s) {
+    if (n_rows == 0) return;
+    dim3 grid(capacity, a.nkv);
     const bool ring = a.ring_decode && kv.bits == 16 && a.nq / a.nkv <= kMaxGroup;
     if (ring && a.hd == 128)
-        TM_DISPATCH_DT(dt, W, (launch_decode<W, 128>(grid, a, b, kv, rows, s)));
+        TM_DISPATCH_DT(dt, W, (launch_decode<W, 128>(grid, a, b, kv, items, s)));
     else if (ring && a.hd == 64)
-        TM_DISPATCH_DT(dt, W, (launch_decode<W, 64>(grid, a, b, kv, rows, s)));
+        TM_DISPATCH_DT(dt, W, (launch_decode<W, 64>(grid, a, b, kv, items, s)));
     else
-        TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, rows))));
-    if (nsplit > 1) TM_DISPATCH_DT(dt, W, (merge_splits_k<W><<<dim3(n, a.nq), 128, 0, s>>>(a, rows, nsplit)));
+        TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, items))));
+    if (a.split_scratch)
+        TM_DISPATCH_DT(dt, W, (merge_items_k<W><<<dim3(n_rows, a.nq), 128, 0, s>>>(a, items, row_items, capacity)));
 }
 
 int attention_tile_rows(int group) { return std::max(1, kTileQ / group); }
+
+bool attention_tiles_supported(int hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 128; }
 
 bool paged_attention_tiled(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles,
                            int n_tiles, cudaStream_t s) {

@@ -3,8 +3,10 @@
 // tokens scattered over the pool): microseconds per launch for batches of
 // decode rows, and the rate at which it reads K and V against the device's
 // copy bandwidth measured in the same run (a device-to-device copy of 1 GiB,
-// read + write). Each batch runs with the ring-of-chunks kernel ("ring") and
-// the generic row kernel ("generic", TM_CUDA_RING_DECODE=0). Then prefill
+// read + write). Each batch runs with the ring-of-chunks kernel over the
+// backend's work items ("ring": long rows cut into pieces), over one item a
+// row ("ring-whole-rows"), and with the generic row kernel ("generic",
+// TM_CUDA_RING_DECODE=0). Then prefill
 // chunks (whole prompts from position 0, tiled as the backend tiles them) on
 // tensor cores: TFLOP/s of the two products (4 x visible keys x heads x
 // head_dim a row) for the register kernel ("registers") and the shared-
@@ -98,22 +100,42 @@ void decode_batches(const std::vector<Batch>& batches, int layers, int layer, si
         float* dq = upload(qh);
         void* out = nullptr;
         check(cudaMalloc(&out, size_t(bt.rows) * nq * hd * 2), "cudaMalloc out");
-        float* scratch = nullptr;
-        check(cudaMalloc(&scratch, tmc::cuda::attention_split_floats(nq, nkv, hd) * 4), "cudaMalloc scratch");
         const tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};
-        for (const bool ring : {true, false}) {
-            if (!ring && !generic) continue;
-            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, layer, out, scratch};
-            a.ring_decode = ring;
+        // As the backend plans them: rows longest first, long ones cut into
+        // pieces; and (for comparison) one item a row.
+        std::vector<int> order(static_cast<size_t>(bt.rows)), lens(static_cast<size_t>(bt.rows));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int x, int y) { return positions[size_t(x)] > positions[size_t(y)]; });
+        for (int i = 0; i < bt.rows; ++i) lens[size_t(i)] = positions[size_t(order[size_t(i)])] + 1;
+        const int cap = tmc::cuda::decode_item_capacity(bt.rows, nkv);
+        float* scratch = nullptr;
+        check(cudaMalloc(&scratch, tmc::cuda::attention_item_floats(cap, nq, hd) * 4), "cudaMalloc scratch");
+        std::vector<int4> items(static_cast<size_t>(cap)), whole(static_cast<size_t>(cap));
+        std::vector<int2> row_items(static_cast<size_t>(bt.rows)), whole_rows(static_cast<size_t>(bt.rows));
+        tmc::cuda::plan_decode_items(order.data(), lens.data(), bt.rows, nkv, true, items.data(), row_items.data());
+        tmc::cuda::plan_decode_items(order.data(), lens.data(), bt.rows, nkv, false, whole.data(), whole_rows.data());
+        const int n_items = int(std::count_if(items.begin(), items.end(), [](const int4& v) { return v.x >= 0; }));
+        int4 *ditems = upload(items), *dwhole = upload(whole);
+        int2 *drows = upload(row_items), *dwrows = upload(whole_rows);
+        for (const int variant : {0, 1, 2}) {  // ring, ring one item a row, generic
+            if (variant == 2 && !generic) continue;
+            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, layer, out, variant == 1 ? nullptr : scratch};
+            a.ring_decode = variant < 2;
             const double s = time_it(
-                [&] { tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, a, bd, kv, nullptr, bt.rows, nullptr); }, 20);
+                [&] {
+                    tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, a, bd, kv, variant == 1 ? dwhole : ditems, cap,
+                                               variant == 1 ? dwrows : drows, bt.rows, nullptr);
+                },
+                20);
             check(cudaGetLastError(), "paged_attention");
             const double gbs = kv_bytes / s / 1e9;
             std::printf("{\"bench\": \"decode_attention\", \"batch\": \"%s\", \"layers\": %d, \"kernel\": \"%s\", "
-                        "\"us\": %.1f, \"GBps\": %.1f, \"of_copy_bw\": %.3f, \"splits\": %d}\n",
-                        bt.name.c_str(), layers, ring ? "ring" : "generic", s * 1e6, gbs, gbs / copy_gbs,
-                        tmc::cuda::attention_splits(bt.rows, nkv));
+                        "\"us\": %.1f, \"GBps\": %.1f, \"of_copy_bw\": %.3f, \"items\": %d}\n",
+                        bt.name.c_str(), layers, variant == 2 ? "generic" : variant ? "ring-whole-rows" : "ring",
+                        s * 1e6, gbs, gbs / copy_gbs, variant == 1 ? bt.rows : n_items);
         }
+        cudaFree(ditems), cudaFree(dwhole), cudaFree(drows), cudaFree(dwrows);
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dq), cudaFree(out), cudaFree(scratch);
     }
     cudaFree(cache);
@@ -158,6 +180,11 @@ int main(int argc, char** argv) {
                 b.ctx.push_back(q.first + 1 + int(g() % unsigned(q.second + 1)));
             }
             batches.push_back(b);
+            // The same rows with every context the mean: skew against length.
+            long sum = 0;
+            for (int c : b.ctx) sum += c;
+            Batch flat{b.name + "-flat", rows, int(sum / rows), int(sum / rows)};
+            batches.push_back(flat);
         }
     }
     decode_batches(batches, 1, 0, size_t(8) << 30, copy_gbs, true, g);

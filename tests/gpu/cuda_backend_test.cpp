@@ -389,6 +389,33 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         std::vector<int> last_rows;
         for (int s = 0, rb = 0; s < S; rb += rows[size_t(s)], ++s)
             last_rows.push_back(rb + rows[size_t(s)] - 1);
+        // Rows as the backend plans them (longest first; with `split`, long
+        // rows in pieces, merged by the second kernel): every piece count the
+        // planner makes for these contexts is checked.
+        const auto run_items = [&](const tmc::cuda::AttnArgs& aa, std::vector<int> list, bool split) {
+            std::stable_sort(list.begin(), list.end(),
+                             [&](int x, int y) { return positions[size_t(x)] > positions[size_t(y)]; });
+            std::vector<int> lens;
+            for (int r : list) {
+                const int p = positions[size_t(r)];
+                lens.push_back(sh.window > 0 ? std::min(p + 1, sh.window) : p + 1);
+            }
+            const int n = int(list.size()), cap = tmc::cuda::decode_item_capacity(n, sh.nkv);
+            std::vector<int4> items(static_cast<size_t>(cap));
+            std::vector<int2> row_items(static_cast<size_t>(n));
+            tmc::cuda::plan_decode_items(list.data(), lens.data(), n, sh.nkv, split, items.data(), row_items.data());
+            int most = 0;
+            for (const int2& ri : row_items) most = std::max(most, ri.y);
+            if (split && sh.window == 0) {  // (the window keeps every row short)
+                EXPECT_GT(most, 1) << "no row was split";
+            }
+            int4* di = dev(items);
+            int2* dr = dev(row_items);
+            tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, di, cap, dr, n, 0);
+            CK(cudaGetLastError());
+            CK(cudaDeviceSynchronize());
+            cudaFree(di), cudaFree(dr);
+        };
         // Variant 3: the tiles on tensor cores (registers); 4 and 5: 0 and 2
         // by the generic row kernel instead of the ring of chunks; 6: the
         // tiles on tensor cores through shared memory (WMMA).
@@ -400,17 +427,14 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
             aa.register_tiles = variant == 3;
             aa.ring_decode = variant < 4;
             if (variant == 0 || variant == 4) {
-                tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, nullptr, T, 0);
+                std::vector<int> all(static_cast<size_t>(T));
+                for (int r = 0; r < T; ++r) all[size_t(r)] = r;
+                run_items(aa, all, false);
             } else if (variant == 2 || variant == 5) {
-                float* scratch =
-                    poisoned<float>(tmc::cuda::attention_split_floats(sh.nq, sh.nkv, sh.hd));
+                float* scratch = poisoned<float>(
+                    tmc::cuda::attention_item_floats(tmc::cuda::decode_item_capacity(S, sh.nkv), sh.nq, sh.hd));
                 aa.split_scratch = scratch;
-                ASSERT_GT(tmc::cuda::attention_splits(S, sh.nkv), 1);
-                int* dr = dev(last_rows);
-                tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, aa, sbd, kv, dr, S, 0);
-                CK(cudaGetLastError());
-                CK(cudaDeviceSynchronize());
-                cudaFree(dr);
+                run_items(aa, last_rows, true);
                 cudaFree(scratch);
             } else {  // 1, 3, 6
                 std::vector<int> tiles;

@@ -106,7 +106,7 @@ private:
     }
     bool trace_ = false;
     void run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows, size_t o_boff,
-             size_t o_single, size_t o_tiles, size_t o_blocks);
+             size_t o_items, size_t o_row_items, size_t o_tiles, size_t o_blocks);
     static constexpr int kMaxGraphBatch = 256;
     bool graphs_enabled_ = true;
     bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
@@ -154,6 +154,7 @@ private:
     DevBuf<char> blas_ws_;
     int* h_meta_ = nullptr;  // pinned
     size_t meta_cap_ = 0;
+    std::vector<int> lens_;  // visible keys of a step's single rows
     float* h_logits_ = nullptr;  // pinned
     DevBuf<int> ids_;
     int* h_ids_ = nullptr;  // pinned
@@ -317,7 +318,8 @@ void CudaBackend::init(const BackendLimits& limits) {
     h_.alloc(T * H);
     qkv_.alloc(T * size_t(cfg_.q_size() + 2 * cfg_.kv_size()));
     attn_.alloc(T * size_t(cfg_.q_size()));
-    attn_split_.alloc(cuda::attention_split_floats(cfg_.num_heads, cfg_.num_kv_heads, cfg_.head_dim));
+    const int item_cap = cuda::decode_item_capacity(int(T), cfg_.num_kv_heads);
+    attn_split_.alloc(cuda::attention_item_floats(item_cap, cfg_.num_heads, cfg_.head_dim));
     gu_.alloc(T * 2 * I);
     act_.alloc(T * I);
     hn_.alloc(size_t(lim_.max_logit_rows) * H);
@@ -329,8 +331,10 @@ void CudaBackend::init(const BackendLimits& limits) {
     check(cudaMallocHost(&h_vals_, size_t(lim_.max_logit_rows) * 4), "cudaMallocHost");
     spec_.alloc(size_t(lim_.max_logit_rows));
     check(cudaMallocHost(&h_spec_, size_t(lim_.max_logit_rows) * sizeof(cuda::SampleRow)), "cudaMallocHost");
-    // tokens, positions, row_seq (T each), logit rows (L), block offsets (T), blocks.
-    meta_cap_ = 8 * T + size_t(lim_.max_logit_rows) + T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
+    // tokens, positions, row_seq (T each), logit rows (L), block offsets (T),
+    // single rows and tiles, attention items and their rows, blocks.
+    meta_cap_ = 8 * T + size_t(lim_.max_logit_rows) + 4 * size_t(item_cap) + 2 * T + 8 +
+                T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
     check(cudaMallocHost(&h_meta_, meta_cap_ * 4), "cudaMallocHost");
 }
@@ -356,7 +360,7 @@ void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDa
 // block tables last, so that in a decode step every section's offset depends
 // on the number of rows only (what a captured graph needs).
 struct MetaLayout {
-    size_t tokens, positions, row_seq, lrows, boff, single, tiles, blocks, total;
+    size_t tokens, positions, row_seq, lrows, boff, single, tiles, items, row_items, blocks, total;
 };
 
 // TM_TP_TIMEOUT: the longest a tensor-parallel rank waits for the others.
@@ -439,9 +443,10 @@ float* CudaBackend::forward(const BatchPlan& plan) {
     // consecutive rows (prefill chunks), the others row by row (decode).
     const int group = cfg_.num_heads / cfg_.num_kv_heads;
     const int tile_rows = cuda::attention_tile_rows(group);
+    const bool tiles_ok = cuda::attention_tiles_supported(cfg_.head_dim);
     size_t n_tiles = 0, n_single = 0, n_blocks = 0;
     for (auto& q : plan.seqs) {
-        if (q.n_rows >= 4) n_tiles += size_t((q.n_rows + tile_rows - 1) / tile_rows);
+        if (q.n_rows >= 4 && tiles_ok) n_tiles += size_t((q.n_rows + tile_rows - 1) / tile_rows);
         else n_single += size_t(q.n_rows);
         n_blocks += size_t(q.n_blocks);
     }
@@ -465,7 +470,10 @@ float* CudaBackend::forward(const BatchPlan& plan) {
     ml.boff = ml.lrows + size_t(L + pad);
     ml.single = ml.boff + size_t(S + pad);
     ml.tiles = (ml.single + n_single + size_t(pad) + 1) / 2 * 2;  // int2-aligned
-    ml.blocks = ml.tiles + 2 * n_tiles;
+    const int n_rows = int(n_single) + pad, item_cap = cuda::decode_item_capacity(n_rows, cfg_.num_kv_heads);
+    ml.items = (ml.tiles + 2 * n_tiles + 3) / 4 * 4;  // int4-aligned
+    ml.row_items = ml.items + 4 * size_t(item_cap);
+    ml.blocks = ml.row_items + 2 * size_t(n_rows);
     ml.total = ml.blocks + n_blocks + (pad > 0 ? 1 : 0);
     if (ml.total > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
     int* m = h_meta_;
@@ -482,7 +490,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
             m[ml.boff + size_t(s)] = int(bo);
             std::memcpy(m + ml.blocks + bo, q.blocks, size_t(q.n_blocks) * 4);
             bo += size_t(q.n_blocks);
-            if (q.n_rows >= 4) {
+            if (q.n_rows >= 4 && tiles_ok) {
                 for (int r = 0; r < q.n_rows; r += tile_rows) {
                     *tiles++ = q.row_begin + r;
                     *tiles++ = std::min(tile_rows, q.n_rows - r);
@@ -518,6 +526,12 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         std::stable_sort(tiles, tiles + n_tiles, [&](const std::array<int, 2>& a, const std::array<int, 2>& b) {
             return keys(a[0] + a[1] - 1) > keys(b[0] + b[1] - 1);
         });
+        // Work items of the single rows (padding rows included): long rows
+        // cut into pieces (kernels/paged_attention.cu).
+        lens_.resize(size_t(n_rows));
+        for (int i = 0; i < n_rows; ++i) lens_[size_t(i)] = keys(single[i]);
+        cuda::plan_decode_items(single, lens_.data(), n_rows, cfg_.num_kv_heads, split_attention_,
+                                reinterpret_cast<int4*>(m + ml.items), reinterpret_cast<int2*>(m + ml.row_items));
     }
     check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
 
@@ -529,7 +543,8 @@ float* CudaBackend::forward(const BatchPlan& plan) {
             check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
             capturing_ = true;
             try {
-                run(Tp, Tp, size_t(Tp), 0, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+                run(Tp, Tp, size_t(Tp), 0, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items, ml.row_items, ml.tiles,
+                    ml.blocks);
             } catch (...) {
                 capturing_ = false;
                 cudaStreamEndCapture(stream_, &graph);
@@ -544,7 +559,8 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         trace("graph launch rows", Tp);
         check(cudaGraphLaunch(exec, stream_), "graph launch");
     } else {
-        run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.single, ml.tiles, ml.blocks);
+        run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items, ml.row_items, ml.tiles,
+            ml.blocks);
     }
     if (L > 0 && plan.sample.size() == size_t(L) && !plan.greedy_only && samples_on_device()) {
         // Sampled rows: drawn here, only the token ids come back.
@@ -613,12 +629,14 @@ bool CudaBackend::add_projection(const DevWeight& w, const void* in, int T, cons
 
 // The kernels of one step, on stream_ (captured into a graph for decode).
 void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows,
-                      size_t o_boff, size_t o_single, size_t o_tiles, size_t o_blocks) {
+                      size_t o_boff, size_t o_items, size_t o_row_items, size_t o_tiles, size_t o_blocks) {
     const int* d_tokens = meta_.p;
     cuda::BatchDev bd{meta_.p + o_pos, meta_.p + o_seq, meta_.p + o_boff, meta_.p + o_blocks};
     const int* d_lrows = meta_.p + o_lrows;
     const int2* d_tiles = reinterpret_cast<const int2*>(meta_.p + o_tiles);
-    const int* d_single = meta_.p + o_single;
+    const int4* d_items = reinterpret_cast<const int4*>(meta_.p + o_items);
+    const int2* d_row_items = reinterpret_cast<const int2*>(meta_.p + o_row_items);
+    const int item_cap = cuda::decode_item_capacity(int(n_single), cfg_.num_kv_heads);
     const int H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
     const int nq = cfg_.num_heads, nkv = cfg_.num_kv_heads, qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
     const float eps = float(cfg_.rms_norm_eps);
@@ -644,11 +662,8 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
                           split_attention_ ? attn_split_.p : nullptr, mma_attention_};
         aa.ring_decode = ring_decode_;
         aa.register_tiles = fa_prefill_;
-        if (cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_)) {
-            cuda::paged_attention(dt_, aa, bd, kvl_, d_single, int(n_single), stream_);
-        } else {
-            cuda::paged_attention(dt_, aa, bd, kvl_, nullptr, T, stream_);
-        }
+        cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_);  // head_dim supported (tiles_ok)
+        cuda::paged_attention(dt_, aa, bd, kvl_, d_items, item_cap, d_row_items, int(n_single), stream_);
         launched("paged_attention");
         prof_.mark(prof_.kAttention);
         if (!add_projection(Ly.wo, attn_.p, T, &Ly.ffn_norm)) {
