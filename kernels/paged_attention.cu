@@ -966,7 +966,11 @@ void launch_tiles(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
 constexpr int kTargetBlocks = 1056;
 constexpr int kMinItemKeys = 128;  // no item shorter than 4 chunks of 32 keys (unless its row is)
 
-int decode_item_capacity(int n, int nkv) { return n + std::max(n, (kTargetBlocks + nkv - 1) / nkv); }
+int decode_item_capacity(int n, int nkv) {
+    // (No row makes more than kMaxSplits pieces: a batch of one row needs 32
+    // items, not 133 mostly empty ones.)
+    return n + std::min(std::max(n, (kTargetBlocks + nkv - 1) / nkv), (kMaxSplits - 1) * n);
+}
 
 size_t attention_item_floats(int capacity, int nq, int hd) { return size_t(capacity) * size_t(nq) * (size_t(hd) + 2); }
 
