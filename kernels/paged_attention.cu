@@ -964,7 +964,7 @@ void launch_tiles(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
 // bandwidth with whole rows, 60-76% in pieces). Pieces of a short batch
 // cost a little where contexts are even (512 rows of 200-600: 84% -> 78%).
 constexpr int kTargetBlocks = 1056;
-constexpr int kMinItemKeys = 128;  // no item shorter than 4 chunks of 32 keys (unless its row is)
+constexpr int kMinItemKeys = 32;  // no item shorter than a chunk of 32 keys (unless its row is)
 
 int decode_item_capacity(int n, int nkv) {
     // (No row makes more than kMaxSplits pieces: a batch of one row needs 32
