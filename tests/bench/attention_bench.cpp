@@ -67,22 +67,33 @@ struct Batch {
     std::vector<int> ctx = {};  // or these
 };
 
+// A pool of `bytes` of 8B-shaped cache blocks (`layers` layers each, filled
+// with a constant), and the pool's block ids in a random order (blocks of a
+// sequence scattered, as a serving engine's are).
+struct Pool {
+    tmc::cuda::KvLayout kv;
+    std::vector<int> perm;
+    Pool(int layers, size_t bytes, std::mt19937& g) {
+        kv.layers = layers, kv.kv_heads = 8, kv.head_dim = 128, kv.block_size = 64;
+        const int blocks = int(bytes / kv.block_bytes());
+        check(cudaMalloc(&kv.base, size_t(blocks) * kv.block_bytes()), "cudaMalloc cache");
+        check(cudaMemset(kv.base, 0x3c, size_t(blocks) * kv.block_bytes()), "fill cache");
+        perm.resize(static_cast<size_t>(blocks));
+        std::iota(perm.begin(), perm.end(), 0);
+        std::shuffle(perm.begin(), perm.end(), g);
+    }
+    ~Pool() { cudaFree(kv.base); }
+};
+
 // The decode batches over one layout of the cache: `layers` layers in each
 // block (the backend's layout: a block holds every layer), attending
 // layer `layer`; with `generic`, the generic kernel too.
 void decode_batches(const std::vector<Batch>& batches, int layers, int layer, size_t pool_bytes, double copy_gbs,
                     bool generic, std::mt19937& g) {
     const int nq = 32, nkv = 8, hd = 128, bs = 64;
-    tmc::cuda::KvLayout kv;
-    kv.layers = layers, kv.kv_heads = nkv, kv.head_dim = hd, kv.block_size = bs;
-    const int pool_blocks = int(pool_bytes / kv.block_bytes());
-    void* cache = nullptr;
-    check(cudaMalloc(&cache, size_t(pool_blocks) * kv.block_bytes()), "cudaMalloc cache");
-    check(cudaMemset(cache, 0x3c, size_t(pool_blocks) * kv.block_bytes()), "fill cache");
-    kv.base = cache;
-    std::vector<int> perm(static_cast<size_t>(pool_blocks));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), g);
+    const Pool pool(layers, pool_bytes, g);
+    const tmc::cuda::KvLayout& kv = pool.kv;
+    const std::vector<int>& perm = pool.perm;
     const int qkv_ld = (nq + 2 * nkv) * hd;
     for (const Batch& bt : batches) {
         std::uniform_int_distribution<int> len(bt.lo, bt.hi);
@@ -138,7 +149,6 @@ void decode_batches(const std::vector<Batch>& batches, int layers, int layer, si
         cudaFree(ditems), cudaFree(dwhole), cudaFree(drows), cudaFree(dwrows);
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dq), cudaFree(out), cudaFree(scratch);
     }
-    cudaFree(cache);
 }
 
 }  // namespace
@@ -190,17 +200,9 @@ int main(int argc, char** argv) {
     decode_batches(batches, 1, 0, size_t(8) << 30, copy_gbs, true, g);
     // The backend's layout: 32 layers a block, 40 GB of cache.
     decode_batches(batches, 32, 17, size_t(40) << 30, copy_gbs, false, g);
-    tmc::cuda::KvLayout kv;
-    kv.layers = 1, kv.kv_heads = nkv, kv.head_dim = hd, kv.block_size = bs;
-    const size_t pool_tokens = size_t(1) << 21;
-    const int pool_blocks = int(pool_tokens / bs);
-    void* cache = nullptr;
-    check(cudaMalloc(&cache, size_t(pool_blocks) * kv.block_bytes()), "cudaMalloc cache");
-    check(cudaMemset(cache, 0x3c, size_t(pool_blocks) * kv.block_bytes()), "fill cache");
-    kv.base = cache;
-    std::vector<int> perm(static_cast<size_t>(pool_blocks));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), g);
+    const Pool pool(1, size_t(8) << 30, g);
+    const tmc::cuda::KvLayout& kv = pool.kv;
+    const std::vector<int>& perm = pool.perm;
     const int qkv_ld = (nq + 2 * nkv) * hd;
     // Prefill: `seqs` prompts of `len` tokens each, one step.
     struct Prefill {
@@ -245,7 +247,6 @@ int main(int argc, char** argv) {
         }
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dtiles), cudaFree(dq), cudaFree(out);
     }
-    cudaFree(cache);
     return 0;
 }
 #else
