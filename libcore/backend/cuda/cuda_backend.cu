@@ -154,7 +154,7 @@ private:
     DevBuf<char> blas_ws_;
     int* h_meta_ = nullptr;  // pinned
     size_t meta_cap_ = 0;
-    std::vector<int> lens_;  // visible keys of a step's single rows
+    std::vector<int> single_, lens_;  // a step's rows attended one by one, and their visible keys
     float* h_logits_ = nullptr;  // pinned
     DevBuf<int> ids_;
     int* h_ids_ = nullptr;  // pinned
@@ -332,7 +332,7 @@ void CudaBackend::init(const BackendLimits& limits) {
     spec_.alloc(size_t(lim_.max_logit_rows));
     check(cudaMallocHost(&h_spec_, size_t(lim_.max_logit_rows) * sizeof(cuda::SampleRow)), "cudaMallocHost");
     // tokens, positions, row_seq (T each), logit rows (L), block offsets (T),
-    // single rows and tiles, attention items and their rows, blocks.
+    // tiles, attention items and their rows, blocks.
     meta_cap_ = 8 * T + size_t(lim_.max_logit_rows) + 4 * size_t(item_cap) + 2 * T + 8 +
                 T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
@@ -360,7 +360,7 @@ void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDa
 // block tables last, so that in a decode step every section's offset depends
 // on the number of rows only (what a captured graph needs).
 struct MetaLayout {
-    size_t tokens, positions, row_seq, lrows, boff, single, tiles, items, row_items, blocks, total;
+    size_t tokens, positions, row_seq, lrows, boff, items, row_items, tiles, blocks, total;
 };
 
 // TM_TP_TIMEOUT: the longest a tensor-parallel rank waits for the others.
@@ -468,20 +468,19 @@ float* CudaBackend::forward(const BatchPlan& plan) {
     ml.row_seq = 2 * size_t(Tp);
     ml.lrows = 3 * size_t(Tp);
     ml.boff = ml.lrows + size_t(L + pad);
-    ml.single = ml.boff + size_t(S + pad);
-    ml.tiles = (ml.single + n_single + size_t(pad) + 1) / 2 * 2;  // int2-aligned
     const int n_rows = int(n_single) + pad, item_cap = cuda::decode_item_capacity(n_rows, cfg_.num_kv_heads);
-    ml.items = (ml.tiles + 2 * n_tiles + 3) / 4 * 4;  // int4-aligned
+    ml.items = (ml.boff + size_t(S + pad) + 3) / 4 * 4;  // int4-aligned
     ml.row_items = ml.items + 4 * size_t(item_cap);
-    ml.blocks = ml.row_items + 2 * size_t(n_rows);
+    ml.tiles = ml.row_items + 2 * size_t(n_rows);  // int2-aligned
+    ml.blocks = ml.tiles + 2 * n_tiles;
     ml.total = ml.blocks + n_blocks + (pad > 0 ? 1 : 0);
     if (ml.total > meta_cap_) throw Error("cuda backend: step metadata larger than reserved");
     int* m = h_meta_;
     std::memcpy(m + ml.tokens, plan.tokens.data(), size_t(T) * 4);
     std::memcpy(m + ml.positions, plan.positions.data(), size_t(T) * 4);
     std::memcpy(m + ml.lrows, plan.logit_rows.data(), size_t(L) * 4);
+    single_.clear();
     {
-        int* single = m + ml.single;
         int* tiles = m + ml.tiles;
         size_t bo = 0;
         for (int s = 0; s < S; ++s) {
@@ -496,7 +495,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
                     *tiles++ = std::min(tile_rows, q.n_rows - r);
                 }
             } else {
-                for (int r = 0; r < q.n_rows; ++r) *single++ = q.row_begin + r;
+                for (int r = 0; r < q.n_rows; ++r) single_.push_back(q.row_begin + r);
             }
         }
         if (pad > 0) {
@@ -508,7 +507,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
                 m[ml.lrows + size_t(r)] = r;
                 m[ml.row_seq + size_t(r)] = S + j;
                 m[ml.boff + size_t(S + j)] = int(bo);
-                *single++ = r;
+                single_.push_back(r);
             }
         }
     }
@@ -520,8 +519,8 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         const int* pos = m + ml.positions;
         const int w = cfg_.sliding_window;
         const auto keys = [pos, w](int r) { return w > 0 ? std::min(pos[r] + 1, w) : pos[r] + 1; };
-        int* single = m + ml.single;
-        std::stable_sort(single, single + n_single, [&](int a, int b) { return keys(a) > keys(b); });
+        std::stable_sort(single_.begin(), single_.begin() + long(n_single),
+                         [&](int a, int b) { return keys(a) > keys(b); });
         auto* tiles = reinterpret_cast<std::array<int, 2>*>(m + ml.tiles);
         std::stable_sort(tiles, tiles + n_tiles, [&](const std::array<int, 2>& a, const std::array<int, 2>& b) {
             return keys(a[0] + a[1] - 1) > keys(b[0] + b[1] - 1);
@@ -529,8 +528,8 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         // Work items of the single rows (padding rows included): long rows
         // cut into pieces (kernels/paged_attention.cu).
         lens_.resize(size_t(n_rows));
-        for (int i = 0; i < n_rows; ++i) lens_[size_t(i)] = keys(single[i]);
-        cuda::plan_decode_items(single, lens_.data(), n_rows, cfg_.num_kv_heads, split_attention_,
+        for (int i = 0; i < n_rows; ++i) lens_[size_t(i)] = keys(single_[size_t(i)]);
+        cuda::plan_decode_items(single_.data(), lens_.data(), n_rows, cfg_.num_kv_heads, split_attention_,
                                 reinterpret_cast<int4*>(m + ml.items), reinterpret_cast<int2*>(m + ml.row_items));
     }
     check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");

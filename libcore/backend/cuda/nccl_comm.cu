@@ -158,7 +158,9 @@ private:
              cudaMemset(flags_, 0, fw * sizeof(uint32_t)) == cudaSuccess &&
              cudaHostAlloc(reinterpret_cast<void**>(&h_abort_), sizeof(uint32_t), cudaHostAllocMapped) == cudaSuccess;
         if (ok) *h_abort_ = 0;
-        ok = ok && cudaDeviceSynchronize() == cudaSuccess;
+        void* d_abort = nullptr;
+        ok = ok && cudaHostGetDevicePointer(&d_abort, h_abort_, 0) == cudaSuccess &&
+             cudaDeviceSynchronize() == cudaSuccess;
         (void)cudaGetLastError();
         g.data[size_t(rank_)] = data_;
         g.flags[size_t(rank_)] = flags_;
@@ -166,10 +168,8 @@ private:
         g.meet.arrive_and_wait();
         bool all = true;
         for (int p = 0; p < n_; ++p) all = all && g.ok[size_t(p)];
-        if (all) {
+        if (all) {  // every step that can fail is behind: the ranks agree
             for (int p = 0; p < n_; ++p) peers_.data[p] = g.data[size_t(p)], peers_.flags[p] = g.flags[size_t(p)];
-            void* d_abort = nullptr;
-            all = cudaHostGetDevicePointer(&d_abort, h_abort_, 0) == cudaSuccess;
             peers_.abort = static_cast<const uint32_t*>(d_abort);
         }
         g.meet.arrive_and_wait();  // every rank read the table
