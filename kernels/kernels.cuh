@@ -137,6 +137,9 @@ struct AttnArgs {
     // Decode rows (16-bit caches, head_dim 64 or 128) by the ring-of-chunks
     // kernel; false: by the generic row kernel (as quantized caches).
     bool ring_decode = true;
+    // Decode rows taken by the ring kernels: on tensor cores (mma.sync);
+    // false: on CUDA cores.
+    bool mma_decode = true;
 };
 // Decode rows (and prompt chunks of under 4 rows) as a list of work items,
 // each a row's whole visible range or a piece of it: one block per (item,

@@ -2,10 +2,12 @@
 // (each block computes all `group` query heads of its KV head, so each K/V
 // vector is read once per group):
 //   - row by row (decode, and prompt chunks of under 4 rows), optionally split
-//     along the sequence with a merge kernel: paged_decode_k for 16-bit
-//     caches of head_dim 64 or 128 (a ring of asynchronous copies),
-//     paged_attention_k for the rest (quantized caches, other head sizes;
-//     and all of them with TM_CUDA_RING_DECODE=0);
+//     along the sequence with a merge kernel: for 16-bit caches of head_dim
+//     64 or 128 and groups of up to 8 heads, paged_decode_mma_k on tensor
+//     cores (or paged_decode_k on CUDA cores, TM_CUDA_MMA_DECODE=0), both
+//     fed by a ring of asynchronous copies; paged_attention_k for the rest
+//     (quantized caches, other head sizes; and all of them with
+//     TM_CUDA_RING_DECODE=0);
 //   - in tiles of up to 64 query vectors of one sequence (prompt chunks):
 //     paged_attention_mma_k on tensor cores, or paged_attention_tiled_k on
 //     CUDA cores (TM_CUDA_MMA_ATTENTION=0).
@@ -915,6 +917,182 @@ __global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, B
     }
 }
 
+// ---------------------------------------------------------------- decode on tensor cores (16-bit cache)
+//
+// The work of paged_decode_k (one block per item and KV head, the G query
+// heads of the group at once) with both products on tensor cores, so that a
+// key costs a few instructions and the block waits only on memory: the
+// group's query vectors are rows 0..G-1 of an m16n8k16 A operand (rows G..15
+// zero); chunks of 16 NW keys are copied into shared memory by 16-byte
+// asynchronous copies into a ring of RS stages; each of the NW warps takes
+// 16 of a chunk's keys: S = Q K^T (8 mma for head_dim 128), its own online
+// softmax, O += P V (16 mma), K and V fragments by ldmatrix. The warps'
+// states (max, sum, O) meet in shared memory at the end. Q and P are
+// rounded to 16 bits (as in the prefill kernel); sums and softmax in fp32.
+// Small blocks win: with 2 warps and 2 stages (35 KB of shared memory, 6
+// blocks an SM) attention_bench reads the cache of decode batches drawn
+// from sharegpt-like-1000 at 68-86% of the copy bandwidth, against 60-83%
+// for paged_decode_k; 4 warps or 3 stages are slower (fewer blocks an SM).
+constexpr int kMmaDecodeWarps = 2, kMmaDecodeStages = 2;
+
+template <int HD, int RS, int NW>
+constexpr size_t mma_decode_smem_bytes() {
+    constexpr size_t stages = size_t(2) * RS * 16 * NW * (HD + 8) * 2;  // [K, V][RS][chunk][HD + 8]
+    constexpr size_t fold = size_t(NW) * kMaxGroup * HD * 4;            // [warps][heads][HD] floats
+    return stages > fold ? stages : fold;
+}
+
+template <class T, int HD, int RS, int NW>
+__global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
+    constexpr int W = NW, NT = 32 * NW, C = 16 * NW;  // warps, threads, keys a chunk (16 a warp)
+    constexpr int L = HD + 8, V8 = HD / 8, KS = HD / 16, NO = HD / 8;
+    constexpr int PER = C * V8 / NT;  // 16-byte copies a thread per chunk, each of K and V
+    static_assert(PER >= 1 && HD % 16 == 0);
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* const Kb = reinterpret_cast<T*>(smem_raw);  // [RS][C][L]
+    T* const Vb = Kb + RS * C * L;            // [RS][C][L]
+    __shared__ float wm[W][kMaxGroup], wl[W][kMaxGroup];
+    const int4 it = items[blockIdx.x];  // {row, piece, pieces of the row}; row -1: no work
+    if (it.x < 0) return;
+    const int r = it.x, kh = blockIdx.y;
+    const int group = a.nq / a.nkv;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;  // this lane's head (A/C row) and pair of columns
+    const int pos = b.positions[r];
+    const int* table = b.blocks + b.block_offset[b.row_seq[r]];
+    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
+    const int nsplit = it.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
+    const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
+    const T* cache = static_cast<const T*>(kv.base);
+    const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
+    // Copies chunk c0's K and V into ring stage `st` (one commit group);
+    // rows past the end are zero (P is 0 there, and 0 x garbage may be NaN).
+    const auto stage = [&](int c0, int st) {
+        if (c0 < end) {
+            T* Ks = Kb + st * C * L;
+            T* Vs = Vb + st * C * L;
+#pragma unroll
+            for (int u = 0; u < PER; ++u) {
+                const int i = tid + u * NT, kk = i / V8, c = (i % V8) * 8, ps = c0 + kk;
+                if (ps < end) {
+                    const T* kp = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
+                    __pipeline_memcpy_async(Ks + kk * L + c, kp, 16);
+                    __pipeline_memcpy_async(Vs + kk * L + c, kp + vdelta, 16);
+                } else {
+                    *reinterpret_cast<uint4*>(Ks + kk * L + c) = make_uint4(0, 0, 0, 0);
+                    *reinterpret_cast<uint4*>(Vs + kk * L + c) = make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+        __pipeline_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
+    // Q as the A operand: row gq (head gq of the group), columns 2 tq, 2 tq + 1 and + 8.
+    uint32_t qf[KS][4];
+    {
+        const float* qr = a.q + size_t(r) * a.ld + size_t(kh * group + gq) * HD + 2 * tq;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+            float2 x0 = make_float2(0, 0), x1 = make_float2(0, 0);
+            if (gq < group) {
+                x0 = *reinterpret_cast<const float2*>(qr + 16 * k);
+                x1 = *reinterpret_cast<const float2*>(qr + 16 * k + 8);
+            }
+            qf[k][0] = pack2<T>(x0.x, x0.y), qf[k][1] = 0, qf[k][2] = pack2<T>(x1.x, x1.y), qf[k][3] = 0;
+        }
+    }
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+    float m_run = -FLT_MAX, l_run = 0;  // head gq; l_run is this lane's share (the quad's are summed at the end)
+    int st = 0;
+    for (int c0 = begin; c0 < end; c0 += C, st = st + 1 == RS ? 0 : st + 1) {
+        __pipeline_wait_prior(RS - 2);
+        __syncthreads();  // chunk c0 has landed for every thread; every warp is done with the previous one
+        stage(c0 + (RS - 1) * C, st == 0 ? RS - 1 : st - 1);  // the stage the previous chunk used
+        const int kw = c0 + warp * 16;  // this warp's first key
+        if (kw >= end) continue;
+        const T* Ks = Kb + (st * C + warp * 16) * L;
+        const T* Vs = Vb + (st * C + warp * 16) * L;
+        float s[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+            uint32_t kf[4];
+            ldsm_x4(kf, Ks + ((lane & 7) + (lane >> 4) * 8) * L + k * 16 + ((lane >> 3) & 1) * 8);
+            mma16816<T>(s[0], qf[k], kf[0], kf[1]);
+            mma16816<T>(s[1], qf[k], kf[2], kf[3]);
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[n][e] = kw + n * 8 + 2 * tq + e < end ? s[n][e] * a.scale : -INFINITY;
+                mx = fmaxf(mx, s[n][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run, mx), al = __expf(m_run - m_new);
+        m_run = m_new;
+        float ps = 0;
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) s[n][e] = __expf(s[n][e] - m_new), ps += s[n][e];
+        l_run = l_run * al + ps;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) o[n][0] *= al, o[n][1] *= al;
+        // O += P V: P (row gq, this warp's 16 keys) is the A operand.
+        const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), 0u, pack2<T>(s[1][0], s[1][1]), 0u};
+#pragma unroll
+        for (int np = 0; np < NO / 2; ++np) {
+            uint32_t vf[4];
+            ldsm_x4_trans(vf, Vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * L + np * 16 + (lane >> 4) * 8);
+            mma16816<T>(o[2 * np], pa, vf[0], vf[1]);
+            mma16816<T>(o[2 * np + 1], pa, vf[2], vf[3]);
+        }
+    }
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    if (tq == 0 && gq < group) wm[warp][gq] = m_run, wl[warp][gq] = l_run;
+    __pipeline_wait_prior(0);
+    __syncthreads();  // every copy has landed, every warp is past its last chunk: the stages are free
+    // The warps' results on the common max of each head.
+    float* fold = reinterpret_cast<float*>(smem_raw);  // [W][kMaxGroup][HD]
+    if (gq < group) {
+        float mh = wm[0][gq];
+#pragma unroll
+        for (int w = 1; w < W; ++w) mh = fmaxf(mh, wm[w][gq]);
+        const float f = __expf(m_run - mh);
+        float* dst = fold + (size_t(warp) * kMaxGroup + gq) * HD + 2 * tq;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) *reinterpret_cast<float2*>(dst + n * 8) = make_float2(o[n][0] * f, o[n][1] * f);
+    }
+    __syncthreads();
+    for (int e = tid; e < group * HD; e += NT) {
+        const int g = e / HD, c = e % HD;
+        float mh = wm[0][g];
+#pragma unroll
+        for (int w = 1; w < W; ++w) mh = fmaxf(mh, wm[w][g]);
+        float v = 0, lh = 0;
+#pragma unroll
+        for (int w = 0; w < W; ++w) v += fold[(size_t(w) * kMaxGroup + g) * HD + c], lh += wl[w][g] * __expf(wm[w][g] - mh);
+        const size_t qh = size_t(kh * group + g);
+        if (nsplit > 1) {
+            // Unnormalized partial results, then (max, sum) per query head.
+            a.split_scratch[(size_t(blockIdx.x) * a.nq + qh) * HD + c] = v;
+            if (c == 0) {
+                const size_t ml0 = size_t(gridDim.x) * a.nq * HD, i = size_t(blockIdx.x) * a.nq + qh;
+                a.split_scratch[ml0 + 2 * i] = mh;
+                a.split_scratch[ml0 + 2 * i + 1] = lh;
+            }
+        } else {
+            static_cast<T*>(a.out)[size_t(r) * a.nq * HD + qh * HD + c] = from_f<T>(v / lh);
+        }
+    }
+}
+
 template <class T, int HD>
 void launch_fa(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     constexpr size_t bytes = fa_smem_bytes<HD>();
@@ -937,8 +1115,18 @@ void launch_ring(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout
     paged_decode_k<T, HD, G, RS><<<grid, kThreads, bytes, s>>>(a, b, kv, rows);
 }
 
+template <class T, int HD, int RS, int NW>
+void launch_mma_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* items, cudaStream_t s) {
+    constexpr size_t bytes = mma_decode_smem_bytes<HD, RS, NW>();
+    allow_smem<paged_decode_mma_k<T, HD, RS, NW>>(bytes);
+    paged_decode_mma_k<T, HD, RS, NW><<<grid, 32 * NW, bytes, s>>>(a, b, kv, items);
+}
+
 template <class T, int HD>
 void launch_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* rows, cudaStream_t s) {
+    if (a.mma_decode) {
+        return launch_mma_decode<T, HD, kMmaDecodeStages, kMmaDecodeWarps>(grid, a, b, kv, rows, s);
+    }
     const int group = a.nq / a.nkv;
     if (group <= 1) return launch_ring<T, HD, 1>(grid, a, b, kv, rows, s);
     if (group <= 2) return launch_ring<T, HD, 2>(grid, a, b, kv, rows, s);
@@ -975,6 +1163,7 @@ int decode_item_capacity(int n, int nkv) {
 size_t attention_item_floats(int capacity, int nq, int hd) { return size_t(capacity) * size_t(nq) * (size_t(hd) + 2); }
 
 void plan_decode_items(const int* rows, const int* lens, int n, int nkv, bool split, int4* items, int2* row_items) {
+    if (n <= 0) return;  // (no items: a step of prompt tiles alone)
     const int cap = decode_item_capacity(n, nkv), extra = cap - n;
     long long total = 0;
     int longest = 0;

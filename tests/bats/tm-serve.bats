@@ -299,13 +299,14 @@ for k in ("request_throughput", "output_throughput", "mean_ttft_ms", "p99_itl_ms
 
 @test "tm-client --jsonl as a coprocess: each answer comes before the next request is sent" {
     coproc CLIENT { tm-client "$S_URL" --jsonl 2> /dev/null; }
+    local pid=$CLIENT_PID  # (bash unsets CLIENT_PID once the coprocess has exited)
     for i in 1 2 3; do
         echo "{\"id\": $i, \"prompt\": \"Once upon a time\", \"max_tokens\": 4, \"temperature\": 0}" >&"${CLIENT[1]}"
         read -r -t 30 answer <&"${CLIENT[0]}"
         echo "$answer" | grep -q "\"id\": $i, \"text\""
     done
     exec {CLIENT[1]}>&-
-    wait "$CLIENT_PID"
+    wait "$pid"
 }
 
 @test "tm-client: unreachable server and bad URLs" {

@@ -129,22 +129,31 @@ void decode_batches(const std::vector<Batch>& batches, int layers, int layer, si
         const int n_items = int(std::count_if(items.begin(), items.end(), [](const int4& v) { return v.x >= 0; }));
         int4 *ditems = upload(items), *dwhole = upload(whole);
         int2 *drows = upload(row_items), *dwrows = upload(whole_rows);
-        for (const int variant : {0, 1, 2}) {  // ring, ring one item a row, generic
+        // mma: on tensor cores (the default); ring: on CUDA cores; whole
+        // rows: one item a row; generic: the row kernel.
+        for (const int variant : {0, 1, 3, 4, 2}) {
             if (variant == 2 && !generic) continue;
-            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, layer, out, variant == 1 ? nullptr : scratch};
-            a.ring_decode = variant < 2;
+            const bool whole_rows = variant == 1 || variant == 4;
+            tmc::cuda::AttnArgs a{dq, qkv_ld, bt.rows, nq, nkv, hd, 0, 0.088f, layer, out, whole_rows ? nullptr : scratch};
+            a.ring_decode = variant != 2;
+            a.mma_decode = variant < 2;
             const double s = time_it(
                 [&] {
-                    tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, a, bd, kv, variant == 1 ? dwhole : ditems, cap,
-                                               variant == 1 ? dwrows : drows, bt.rows, nullptr);
+                    tmc::cuda::paged_attention(tmc::cuda::Dt::BF16, a, bd, kv, whole_rows ? dwhole : ditems, cap,
+                                               whole_rows ? dwrows : drows, bt.rows, nullptr);
                 },
                 20);
             check(cudaGetLastError(), "paged_attention");
             const double gbs = kv_bytes / s / 1e9;
             std::printf("{\"bench\": \"decode_attention\", \"batch\": \"%s\", \"layers\": %d, \"kernel\": \"%s\", "
                         "\"us\": %.1f, \"GBps\": %.1f, \"of_copy_bw\": %.3f, \"items\": %d}\n",
-                        bt.name.c_str(), layers, variant == 2 ? "generic" : variant ? "ring-whole-rows" : "ring",
-                        s * 1e6, gbs, gbs / copy_gbs, variant == 1 ? bt.rows : n_items);
+                        bt.name.c_str(), layers,
+                        variant == 2   ? "generic"
+                        : variant == 4 ? "ring-whole-rows"
+                        : variant == 3 ? "ring"
+                        : variant == 1 ? "mma-whole-rows"
+                                       : "mma",
+                        s * 1e6, gbs, gbs / copy_gbs, whole_rows ? bt.rows : n_items);
         }
         cudaFree(ditems), cudaFree(dwhole), cudaFree(drows), cudaFree(dwrows);
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dq), cudaFree(out), cudaFree(scratch);

@@ -1,10 +1,12 @@
 // The projections of the 8B model (bf16 weights, fp32 or bf16 outputs, as
 // the CUDA backend calls them) at the row counts of decode and mixed steps:
-// microseconds of cublasGemmEx's default algorithm (what the backend runs),
-// of cuBLASLt's first heuristic, and of the fastest of its first 16
-// heuristics, each timed; and TFLOP/s of the default. It tells whether
-// choosing algorithms per shape is worth it. One JSON line per (shape, rows).
-// A build without CUDA prints nothing and exits 0.
+// microseconds of cublasGemmEx's default algorithm, of cuBLASLt's first
+// heuristic, and of the fastest of its first 16 heuristics, each timed;
+// TFLOP/s of the default; and
+// the time the weights' bytes take at the copy bandwidth measured in the
+// same run. Successive calls read different copies of the weights (as the
+// layers of a step do), so that none is served from L2. One JSON line per
+// (shape, rows). A build without CUDA prints nothing and exits 0.
 //   gemm_bench
 #include <cstdio>
 
@@ -81,22 +83,39 @@ int main() {
     };
     const std::vector<Shape> shapes = {
         {"qkv", 6144, 4096, true}, {"o", 4096, 4096, true}, {"gate_up", 28672, 4096, false}, {"down", 4096, 14336, true}};
-    const std::vector<int> rows = {23, 49, 92, 176, 381, 736, 1412, 3577};
+    const std::vector<int> rows = {3, 8, 16, 23, 32, 49, 64, 92, 128, 176, 381, 736, 1412, 3577};
     const int max_rows = 3577;
-    void *w = nullptr, *x = nullptr, *y = nullptr;
-    cudaMalloc(&w, size_t(28672) * 14336 * 2);
+    void *wbuf = nullptr, *x = nullptr, *y = nullptr;
+    const size_t wbuf_bytes = size_t(28672) * 14336 * 2;
+    cudaMalloc(&wbuf, wbuf_bytes);
+    // The roofline: a device-to-device copy (bytes read + written per second).
+    double copy_gbs = 0;
+    {
+        const size_t bytes = size_t(1) << 30;
+        void *a = nullptr, *b = nullptr;
+        cudaMalloc(&a, bytes), cudaMalloc(&b, bytes);
+        const double us = time_it([&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice); }, 10);
+        copy_gbs = 2.0 * double(bytes) / (us * 1e-6) / 1e9;
+        cudaFree(a), cudaFree(b);
+        std::printf("{\"bench\": \"copy_bandwidth\", \"value\": %.1f, \"unit\": \"GB/s\"}\n", copy_gbs);
+    }
+
     cudaMalloc(&x, size_t(max_rows) * 14336 * 2);
     cudaMalloc(&y, size_t(max_rows) * 28672 * 4);
-    cudaMemset(w, 0x3c, size_t(28672) * 14336 * 2);
+    cudaMemset(wbuf, 0x3c, wbuf_bytes);
     cudaMemset(x, 0x3c, size_t(max_rows) * 14336 * 2);
     const float alpha = 1.0f, beta = 0.0f;
     for (const Shape& s : shapes)
         for (int m : rows) {
             const cudaDataType yt = s.f32_out ? CUDA_R_32F : CUDA_R_16BF;
+            // Copies of W in turn (at least 3 fit), as a step's layers.
+            const size_t wbytes = size_t(s.n) * s.k * 2, copies = wbuf_bytes / wbytes;
+            size_t turn = 0;
+            const auto next_w = [&] { return static_cast<char*>(wbuf) + (turn++ % copies) * wbytes; };
             // Row-major Y[m, n] = X[m, k] W[n, k]^T as column-major Y^T = W^T' X^T.
             const double us_default = time_it(
                 [&] {
-                    cb.gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, w, CUDA_R_16BF, s.k, x, CUDA_R_16BF,
+                    cb.gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, next_w(), CUDA_R_16BF, s.k, x, CUDA_R_16BF,
                                s.k, &beta, y, yt, s.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
                 },
                 20);
@@ -121,7 +140,7 @@ int main() {
             for (int i = 0; i < got; ++i) {
                 const double us = time_it(
                     [&] {
-                        lt.matmul(lh, d, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws, ws_bytes, nullptr);
+                        lt.matmul(lh, d, &alpha, next_w(), la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws, ws_bytes, nullptr);
                     },
                     20);
                 if (cudaGetLastError() != cudaSuccess) continue;
@@ -129,10 +148,11 @@ int main() {
                 if (us < best) best = us, best_i = i;
             }
             const double tf = 2.0 * m * s.n * double(s.k) / (us_default * 1e-6) / 1e12;
+            const double us_bytes = double(s.n) * s.k * 2 / (copy_gbs * 1e9) * 1e6;
             std::printf("{\"bench\": \"gemm\", \"shape\": \"%s\", \"rows\": %d, \"us_default\": %.1f, \"us_lt_first\": "
                         "%.1f, \"us_lt_best\": %.1f, \"best_index\": %d, \"of\": %d, \"x_best\": %.3f, \"TFLOPs\": "
-                        "%.1f}\n",
-                        s.name, m, us_default, first, best, best_i, got, us_default / best, tf);
+                        "%.1f, \"us_weight_bytes\": %.1f}\n",
+                        s.name, m, us_default, first, best, best_i, got, us_default / best, tf, us_bytes);
         }
     return 0;
 }

@@ -418,19 +418,21 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         };
         // Variant 3: the tiles on tensor cores (registers); 4 and 5: 0 and 2
         // by the generic row kernel instead of the ring of chunks; 6: the
-        // tiles on tensor cores through shared memory (WMMA).
-        for (int variant = 0; variant < 7; ++variant) {
+        // tiles on tensor cores through shared memory (WMMA); 7 and 8: 0 and
+        // 2 by the ring of chunks on CUDA cores (0 and 2 are on tensor cores).
+        for (int variant = 0; variant < 9; ++variant) {
             uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
             tmc::cuda::AttnArgs aa{dq,    qkv_ld,    T,     sh.nq, sh.nkv,
                                    sh.hd, sh.window, scale, layer, out};
             aa.tensor_cores = variant == 3 || variant == 6;
             aa.register_tiles = variant == 3;
-            aa.ring_decode = variant < 4;
-            if (variant == 0 || variant == 4) {
+            aa.ring_decode = variant < 4 || variant >= 7;
+            aa.mma_decode = variant < 7;
+            if (variant == 0 || variant == 4 || variant == 7) {
                 std::vector<int> all(static_cast<size_t>(T));
                 for (int r = 0; r < T; ++r) all[size_t(r)] = r;
                 run_items(aa, all, false);
-            } else if (variant == 2 || variant == 5) {
+            } else if (variant == 2 || variant == 5 || variant == 8) {
                 float* scratch = poisoned<float>(
                     tmc::cuda::attention_item_floats(tmc::cuda::decode_item_capacity(S, sh.nkv), sh.nq, sh.hd));
                 aa.split_scratch = scratch;
@@ -485,12 +487,14 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
                     o /= sum;
                     const bool is_last =
                         std::find(last_rows.begin(), last_rows.end(), r) != last_rows.end();
-                    for (int v = 0; v < 7; ++v) {
-                        if ((v == 2 || v == 5) && !is_last) continue;
+                    for (int v = 0; v < 9; ++v) {
+                        if ((v == 2 || v == 5 || v == 8) && !is_last) continue;
                         float g = tmc::bf16_to_f32(
                             outs[size_t(v)][size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
                         ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2)
-                            << (v == 6   ? "tiled (tensor cores, WMMA)"
+                            << (v == 8   ? "split (CUDA cores)"
+                                : v == 7 ? "per row (CUDA cores)"
+                                : v == 6 ? "tiled (tensor cores, WMMA)"
                                 : v == 5 ? "split (generic)"
                                 : v == 4 ? "per row (generic)"
                                 : v == 3 ? "tiled (tensor cores, registers)"

@@ -113,6 +113,7 @@ private:
     bool mma_attention_ = true;    // TM_CUDA_MMA_ATTENTION=0: prefill tiles on CUDA cores
     bool fa_prefill_ = true;       // TM_CUDA_FA_PREFILL=0: prefill tiles through shared memory (WMMA)
     bool ring_decode_ = true;      // TM_CUDA_RING_DECODE=0: decode rows by the generic row kernel
+    bool mma_decode_ = true;       // TM_CUDA_MMA_DECODE=0: decode rows on CUDA cores (ring of 32-key chunks)
     bool graph_buckets_ = true;    // TM_CUDA_GRAPH_BUCKETS=0: one graph per decode batch size
     bool device_sampling_ = true;  // TM_CUDA_SAMPLING=0: every sampled row's logits to the host
     bool gemv_ = true;             // TM_CUDA_GEMV=0: projections of 1-2 rows through cuBLAS too
@@ -208,6 +209,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_SPLIT_ATTENTION", split_attention_);
     on("TM_CUDA_MMA_ATTENTION", mma_attention_);
     on("TM_CUDA_RING_DECODE", ring_decode_);
+    on("TM_CUDA_MMA_DECODE", mma_decode_);
     on("TM_CUDA_FA_PREFILL", fa_prefill_);
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
@@ -660,6 +662,7 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
         cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p,
                           split_attention_ ? attn_split_.p : nullptr, mma_attention_};
         aa.ring_decode = ring_decode_;
+        aa.mma_decode = mma_decode_;
         aa.register_tiles = fa_prefill_;
         cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_);  // head_dim supported (tiles_ok)
         cuda::paged_attention(dt_, aa, bd, kvl_, d_items, item_cap, d_row_items, int(n_single), stream_);
