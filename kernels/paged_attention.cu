@@ -965,22 +965,34 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
     const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
+    // This thread copies channels c0_ .. + 8 of keys k0_, k0_ + KSTEP, ...
+    // of each chunk: one division a chunk, then the slot steps by KSTEP.
+    constexpr int KSTEP = NT / V8;
+    static_assert(NT % V8 == 0);
+    const int k0_ = tid / V8, c0_ = (tid % V8) * 8;
+    const T* head0 = cache + kv.offset(0, a.layer, 0, kh, 0) + c0_;  // block 0, slot 0
+    const size_t bstride = kv.block_elems();
     // Copies chunk c0's K and V into ring stage `st` (one commit group);
     // rows past the end are zero (P is 0 there, and 0 x garbage may be NaN).
     const auto stage = [&](int c0, int st) {
         if (c0 < end) {
-            T* Ks = Kb + st * C * L;
-            T* Vs = Vb + st * C * L;
+            T* Ks = Kb + st * C * L + c0_;
+            T* Vs = Vb + st * C * L + c0_;
+            int bi = (c0 + k0_) / kv.block_size, slot = (c0 + k0_) % kv.block_size;
 #pragma unroll
             for (int u = 0; u < PER; ++u) {
-                const int i = tid + u * NT, kk = i / V8, c = (i % V8) * 8, ps = c0 + kk;
+                const int kk = k0_ + u * KSTEP, ps = c0 + kk;
+                if (u > 0) {
+                    slot += KSTEP;
+                    while (slot >= kv.block_size) slot -= kv.block_size, ++bi;
+                }
                 if (ps < end) {
-                    const T* kp = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
-                    __pipeline_memcpy_async(Ks + kk * L + c, kp, 16);
-                    __pipeline_memcpy_async(Vs + kk * L + c, kp + vdelta, 16);
+                    const T* kp = head0 + size_t(table[bi]) * bstride + size_t(slot) * HD;
+                    __pipeline_memcpy_async(Ks + kk * L, kp, 16);
+                    __pipeline_memcpy_async(Vs + kk * L, kp + vdelta, 16);
                 } else {
-                    *reinterpret_cast<uint4*>(Ks + kk * L + c) = make_uint4(0, 0, 0, 0);
-                    *reinterpret_cast<uint4*>(Vs + kk * L + c) = make_uint4(0, 0, 0, 0);
+                    *reinterpret_cast<uint4*>(Ks + kk * L) = make_uint4(0, 0, 0, 0);
+                    *reinterpret_cast<uint4*>(Vs + kk * L) = make_uint4(0, 0, 0, 0);
                 }
             }
         }
