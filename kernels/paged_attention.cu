@@ -54,6 +54,23 @@ __device__ inline float softmax_chunk(float* p, int n, float& m_run, float& l_ru
     return al;
 }
 
+// A work item's keys: {row, piece, pieces of the row} takes its piece
+// [begin, end) of the row's visible positions (all of them in one piece).
+struct ItemKeys {
+    int begin, end;
+    const int* table;  // the row's block table
+};
+__device__ __forceinline__ ItemKeys item_keys(const AttnArgs& a, const BatchDev& b, int4 it) {
+    ItemKeys k;
+    const int pos = b.positions[it.x];
+    k.table = b.blocks + b.block_offset[b.row_seq[it.x]];
+    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
+    const int span = (vis_end - vis_begin + it.z - 1) / it.z;
+    k.begin = min(vis_end, vis_begin + it.y * span);
+    k.end = min(vis_end, k.begin + span);
+    return k;
+}
+
 template <class T, int B>
 __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
     __shared__ float q[kMaxGroup][kMaxHd];
@@ -65,13 +82,9 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     const int r = it.x, kh = blockIdx.y;
     const int hd = a.hd, group = a.nq / a.nkv;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = kThreads / 32;
-    const int pos = b.positions[r];
-    const int seq = b.row_seq[r];
-    const int* table = b.blocks + b.block_offset[seq];
-    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
-    // This block's share of the visible positions (all of them without splits).
-    const int nsplit = it.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
-    const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
+    const ItemKeys ik = item_keys(a, b, it);
+    const int* table = ik.table;
+    const int nsplit = it.z, begin = ik.begin, end = ik.end;
     const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * hd;
     for (int i = threadIdx.x; i < group * hd; i += kThreads) q[i / hd][i % hd] = qr[i];
     // Running max and sum per head, kept by warp (g % nwarps), lane 0.
@@ -224,11 +237,9 @@ __global__ void __launch_bounds__(kThreads, kDecodeMinBlocks) paged_decode_k(Att
     const int r = it.x, kh = blockIdx.y;
     const int group = a.nq / a.nkv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int pos = b.positions[r];
-    const int* table = b.blocks + b.block_offset[b.row_seq[r]];
-    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
-    const int nsplit = it.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
-    const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
+    const ItemKeys ik = item_keys(a, b, it);
+    const int* table = ik.table;
+    const int nsplit = it.z, begin = ik.begin, end = ik.end;
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
     // This thread's 8 channels of the G query vectors (scaled), for the scores.
@@ -931,7 +942,7 @@ __global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, B
 // rounded to 16 bits (as in the prefill kernel); sums and softmax in fp32.
 // Small blocks win: with 2 warps and 2 stages (35 KB of shared memory, 6
 // blocks an SM) attention_bench reads the cache of decode batches drawn
-// from sharegpt-like-1000 at 68-86% of the copy bandwidth, against 60-83%
+// from sharegpt-like-1000 at 69-88% of the copy bandwidth, against 60-83%
 // for paged_decode_k; 4 warps or 3 stages are slower (fewer blocks an SM).
 constexpr int kMmaDecodeWarps = 2, kMmaDecodeStages = 2;
 
@@ -958,11 +969,9 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
     const int group = a.nq / a.nkv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gq = lane >> 2, tq = lane & 3;  // this lane's head (A/C row) and pair of columns
-    const int pos = b.positions[r];
-    const int* table = b.blocks + b.block_offset[b.row_seq[r]];
-    const int vis_begin = a.window > 0 ? max(0, pos + 1 - a.window) : 0, vis_end = pos + 1;
-    const int nsplit = it.z, span = (vis_end - vis_begin + nsplit - 1) / nsplit;
-    const int begin = min(vis_end, vis_begin + it.y * span), end = min(vis_end, begin + span);
+    const ItemKeys ik = item_keys(a, b, it);
+    const int* table = ik.table;
+    const int nsplit = it.z, begin = ik.begin, end = ik.end;
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
     // This thread copies channels c0_ .. + 8 of keys k0_, k0_ + KSTEP, ...
