@@ -1,7 +1,11 @@
 // After the fused QKV projection, per row: bias, q/k RMSNorm (Qwen3), RoPE on
-// q and k, and K/V written into the paged cache as 16-bit. One block per row,
-// one warp per head; reads the row once (4 bytes per element), writes q back
-// (4 bytes) and K/V (2 bytes): memory-bound, a small share of a step.
+// q and k, and K/V written into the paged cache as 16-bit. A block per row
+// (a few per row when rows are few, each taking every few-th head), one warp
+// per head at a time; the row's rotation angles, the same for every head,
+// are taken once per block. Reads the row once (4 bytes per element), writes
+// q back (4 bytes) and K/V (2 bytes): memory-bound, a small share of a step.
+#include <algorithm>
+
 #include "kernels/common.cuh"
 #include "kernels/kernels.cuh"
 
@@ -46,6 +50,7 @@ __device__ void quantize_row(const KvLayout& kv, const float* sm, int block, int
 template <class T, int B>
 __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     __shared__ float buf[kWarps][kMaxHd];
+    __shared__ float2 rot[kMaxHd / 2];  // (cos, sin) of pos * inv_freq[i]
     // blockIdx.y picks a group of kWarps heads: several blocks per row.
     const int r = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int hd = a.hd, half = hd / 2;
@@ -56,6 +61,12 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     float* row = a.qkv + size_t(r) * a.ld;
     const T* bias = static_cast<const T*>(a.bias);
     float* sm = buf[warp];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float sn, cs;
+        sincosf(float(pos) * a.inv_freq[i], &sn, &cs);
+        rot[i] = make_float2(cs, sn);
+    }
+    __syncthreads();
     for (int h = blockIdx.y * kWarps + warp; h < a.nq + 2 * a.nkv; h += kWarps * gridDim.y) {
         float* x = row + size_t(h) * hd;
         const bool is_q = h < a.nq, is_k = !is_q && h < a.nq + a.nkv;
@@ -83,8 +94,7 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
         }
         T* dst = is_k && B == 16 ? static_cast<T*>(kv.base) + kv.offset(block, a.layer, 0, h - a.nq, slot) : nullptr;
         for (int i = lane; i < half; i += 32) {
-            const float ang = float(pos) * a.inv_freq[i];
-            const float c = cosf(ang), s = sinf(ang);
+            const float c = rot[i].x, s = rot[i].y;
             const float x0 = sm[i], x1 = sm[i + half];
             const float y0 = x0 * c - x1 * s, y1 = x1 * c + x0 * s;
             if (is_q) {
@@ -110,7 +120,11 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
 
 void qkv_rope_cache(Dt dt, const QkvArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s) {
     if (a.T == 0) return;
-    dim3 grid(a.T, (a.nq + 2 * a.nkv + kWarps - 1) / kWarps);
+    // Blocks of one row split its heads only while rows are too few to keep
+    // every SM busy (a block per row and 48 heads: 4076 blocks, not 24,456,
+    // for a 4096-token step of the 8B model).
+    const int groups = (a.nq + 2 * a.nkv + kWarps - 1) / kWarps;
+    dim3 grid(a.T, std::clamp((528 + a.T - 1) / a.T, 1, groups));
     TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (qkv_rope_cache_k<W, B><<<grid, kWarps * 32, 0, s>>>(a, b, kv))));
 }
 
