@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "kernels/kernels.cuh"
+#include "tests/bench/gpu_timing.hpp"
 
 namespace {
 
@@ -45,21 +46,7 @@ T* upload(const std::vector<T>& h) {
     return d;
 }
 
-// Seconds per call of f, over `reps` calls after 3 warm-up calls.
-template <class F>
-double time_it(F&& f, int reps) {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a), cudaEventCreate(&b);
-    for (int i = 0; i < 3; ++i) f();
-    cudaEventRecord(a);
-    for (int i = 0; i < reps; ++i) f();
-    cudaEventRecord(b);
-    check(cudaEventSynchronize(b), "timing");
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    cudaEventDestroy(a), cudaEventDestroy(b);
-    return ms / 1e3 / reps;
-}
+using tmc::bench::time_it;
 
 struct Batch {
     std::string name;
@@ -164,14 +151,7 @@ void decode_batches(const std::vector<Batch>& batches, int layers, int layer, si
 
 int main(int argc, char** argv) {
     const int nq = 32, nkv = 8, hd = 128, bs = 64;
-    // The roofline: a device-to-device copy (bytes read + written per second).
-    const size_t copy_bytes = size_t(1) << 30;
-    void *src = nullptr, *dst = nullptr;
-    check(cudaMalloc(&src, copy_bytes), "cudaMalloc"), check(cudaMalloc(&dst, copy_bytes), "cudaMalloc");
-    const double copy_s = time_it([&] { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, 10);
-    const double copy_gbs = 2.0 * double(copy_bytes) / copy_s / 1e9;
-    cudaFree(src), cudaFree(dst);
-    std::printf("{\"bench\": \"copy_bandwidth\", \"value\": %.1f, \"unit\": \"GB/s\"}\n", copy_gbs);
+    const double copy_gbs = tmc::bench::copy_bandwidth_gbs();  // the roofline
 
     std::vector<Batch> batches = {
         {"1x4096", 1, 4096, 4096},          {"16x1024", 16, 1024, 1024},  {"64x64-1024", 64, 64, 1024},

@@ -21,6 +21,7 @@
 
 #include "backend/cuda/cublas_dyn.hpp"
 #include "base/dynlib.hpp"
+#include "tests/bench/gpu_timing.hpp"
 
 namespace {
 
@@ -38,21 +39,6 @@ struct Lt {
                              const void*, cublasLtMatrixLayout_t, const void*, const void*, cublasLtMatrixLayout_t,
                              void*, cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t);
 };
-
-template <class F>
-double time_it(F&& f, int reps) {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a), cudaEventCreate(&b);
-    for (int i = 0; i < 2; ++i) f();
-    cudaEventRecord(a);
-    for (int i = 0; i < reps; ++i) f();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    cudaEventDestroy(a), cudaEventDestroy(b);
-    return ms * 1e3 / reps;
-}
 
 }  // namespace
 
@@ -88,17 +74,7 @@ int main() {
     void *wbuf = nullptr, *x = nullptr, *y = nullptr;
     const size_t wbuf_bytes = size_t(28672) * 14336 * 2;
     cudaMalloc(&wbuf, wbuf_bytes);
-    // The roofline: a device-to-device copy (bytes read + written per second).
-    double copy_gbs = 0;
-    {
-        const size_t bytes = size_t(1) << 30;
-        void *a = nullptr, *b = nullptr;
-        cudaMalloc(&a, bytes), cudaMalloc(&b, bytes);
-        const double us = time_it([&] { cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice); }, 10);
-        copy_gbs = 2.0 * double(bytes) / (us * 1e-6) / 1e9;
-        cudaFree(a), cudaFree(b);
-        std::printf("{\"bench\": \"copy_bandwidth\", \"value\": %.1f, \"unit\": \"GB/s\"}\n", copy_gbs);
-    }
+    const double copy_gbs = tmc::bench::copy_bandwidth_gbs();  // the roofline
 
     cudaMalloc(&x, size_t(max_rows) * 14336 * 2);
     cudaMalloc(&y, size_t(max_rows) * 28672 * 4);
@@ -113,7 +89,7 @@ int main() {
             size_t turn = 0;
             const auto next_w = [&] { return static_cast<char*>(wbuf) + (turn++ % copies) * wbytes; };
             // Row-major Y[m, n] = X[m, k] W[n, k]^T as column-major Y^T = W^T' X^T.
-            const double us_default = time_it(
+            const double us_default = 1e6 * tmc::bench::time_it(
                 [&] {
                     cb.gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, s.n, m, s.k, &alpha, next_w(), CUDA_R_16BF, s.k, x, CUDA_R_16BF,
                                s.k, &beta, y, yt, s.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
@@ -138,7 +114,7 @@ int main() {
             double first = 0, best = 1e30;
             int best_i = -1;
             for (int i = 0; i < got; ++i) {
-                const double us = time_it(
+                const double us = 1e6 * tmc::bench::time_it(
                     [&] {
                         lt.matmul(lh, d, &alpha, next_w(), la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws, ws_bytes, nullptr);
                     },
