@@ -177,14 +177,7 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
 //     heads, over every (128 / (HD / 8))-th key; the key phases are folded
 //     once at the end.
 constexpr int kRingChunk = 32;
-#ifndef TM_DECODE_RING_STAGES
-#define TM_DECODE_RING_STAGES 3
-#endif
-constexpr int kDecodeRingStages = TM_DECODE_RING_STAGES;
-#ifndef TM_DECODE_MIN_BLOCKS
-#define TM_DECODE_MIN_BLOCKS 1
-#endif
-constexpr int kDecodeMinBlocks = TM_DECODE_MIN_BLOCKS;  // blocks an SM the registers must allow
+constexpr int kDecodeRingStages = 3;
 
 template <int HD, int G, int RS>
 constexpr size_t ring_smem_bytes() {
@@ -220,7 +213,7 @@ __device__ __forceinline__ float reduce_heads(float (&v)[G], int lane, int& head
 }
 
 template <class T, int HD, int G, int RS>
-__global__ void __launch_bounds__(kThreads, kDecodeMinBlocks) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
+__global__ void __launch_bounds__(kThreads, 1) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
     constexpr int C = kRingChunk, KL = HD + 8, V8 = HD / 8;
     constexpr int TPK = V8;                  // threads per key in the scores
     constexpr int KPP = kThreads / TPK;      // keys per pass of the scores
@@ -1164,14 +1157,15 @@ void launch_tiles(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
 
 }  // namespace
 
-// Work items of decode rows: enough (item, KV head) blocks for two waves of
-// the decode kernel (4 blocks an SM) on 132 SMs when rows are few, and as
+// Work items of decode rows: 1,056 (item, KV head) blocks (two waves of the
+// CUDA-core kernel at 4 blocks an SM on 132 SMs; 1.3 of the tensor-core
+// kernel at 6, and twice that measured no faster) when rows are few, and as
 // many items again as rows when they are many, so that a context longer than
 // the mean is cut into pieces of about that (in a batch of skewed contexts
 // the longest row alone would otherwise set the kernel's time;
-// attention_bench, rows drawn from sharegpt-like-1000: 31-70% of the copy
-// bandwidth with whole rows, 60-76% in pieces). Pieces of a short batch
-// cost a little where contexts are even (512 rows of 200-600: 84% -> 78%).
+// attention_bench, tensor-core kernel, rows drawn from sharegpt-like-1000:
+// 30-74% of the copy bandwidth with whole rows, 70-87% in pieces). Pieces
+// cost a little where contexts are even (512 rows of 200-600: 90% -> 84%).
 constexpr int kTargetBlocks = 1056;
 constexpr int kMinItemKeys = 32;  // no item shorter than a chunk of 32 keys (unless its row is)
 
