@@ -734,8 +734,19 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_mma_k(AttnArgs a
 // double-buffered by asynchronous copies. Q is rounded to 16 bits.
 constexpr int kFaThreads = 128;
 
+// Shared memory: K and V, 2 buffers each; Q passes through K's second buffer
+// on its way to registers. 69.6 KB for head_dim 128 and at most 168
+// registers a thread: 3 blocks an SM.
 template <int HD>
-constexpr size_t fa_smem_bytes() { return (size_t(kTileQ) + 4 * size_t(kTileK)) * (HD + 8) * 2; }
+constexpr size_t fa_smem_bytes() { return 4 * size_t(kTileK) * (HD + 8) * 2; }
+constexpr int kFaBlocksPerSm = 3;
+
+// 2^x (MUFU.EX2; what __expf uses after scaling by log2(e)).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
     const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -775,17 +786,17 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 }
 
 template <class T, int HD>
-__global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, BatchDev b, KvLayout kv,
-                                                                     const int2* tiles) {
+__global__ void __launch_bounds__(kFaThreads, kFaBlocksPerSm) paged_attention_fa_k(AttnArgs a, BatchDev b, KvLayout kv,
+                                                                                     const int2* tiles) {
     constexpr int L = HD + 8;     // row stride (elements): 16-byte rows, banks shifted by 4 words a row
     constexpr int KS = HD / 16;   // k-steps of Q K^T
     constexpr int NO = HD / 8;    // n-tiles of O
     constexpr int V8 = HD / 8;    // 16-byte vectors a row
     static_assert(HD % 16 == 0 && kTileQ == 64 && kTileK == 64);
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    T* const Qs = reinterpret_cast<T*>(smem_raw);  // [64][L]
-    T* const Kb = Qs + kTileQ * L;                 // [2][64][L]
+    T* const Kb = reinterpret_cast<T*>(smem_raw);  // [2][64][L]
     T* const Vb = Kb + 2 * kTileK * L;             // [2][64][L]
+    T* const Qs = Kb + kTileK * L;                 // [64][L]: K's buffer 1, free until the first chunk's barrier
     const int group = a.nq / a.nkv;
     const int2 tile = tiles[blockIdx.x];
     const int kh = blockIdx.y;
@@ -805,6 +816,9 @@ __global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, B
     const int q0 = warp * 16 + (lane >> 2);
     const TileView v0 = tile_view(a, b, tile, q0, nqv, group), v1 = tile_view(a, b, tile, q0 + 8, nqv, group);
     const int lo = v0.lo, hi = v0.hi;
+    // Keys [lo_last, first] are visible to every query of the tile.
+    const int first = b.positions[tile.x], lo_last = a.window > 0 ? max(0, hi - a.window) : 0;
+    const float scale2 = a.scale * 1.4426950408889634f;
     const int* table = v0.table;
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
@@ -854,18 +868,33 @@ __global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, B
                 mma16816<T>(s[2 * np], qf[k], kf[0], kf[1]);
                 mma16816<T>(s[2 * np + 1], qf[k], kf[2], kf[3]);
             }
-        // Mask (causal, window, inactive), then the online softmax of rows q0 and q0 + 8.
+        // Mask (causal, window, inactive) unless every key of the chunk is
+        // visible to every query of the tile, then the online softmax of rows
+        // q0 and q0 + 8, in base 2 (the scale includes log2(e)). Inactive
+        // rows (zero queries) are not written.
         float mx0 = -INFINITY, mx1 = -INFINITY;
+        if (c0 + kTileK <= first + 1 && c0 >= lo_last) {
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int key = c0 + n * 8 + (lane & 3) * 2 + e;
-                s[n][e] = v0.active && key <= v0.my_pos && key >= v0.my_lo ? s[n][e] * a.scale : -INFINITY;
-                s[n][2 + e] = v1.active && key <= v1.my_pos && key >= v1.my_lo ? s[n][2 + e] * a.scale : -INFINITY;
-                mx0 = fmaxf(mx0, s[n][e]);
-                mx1 = fmaxf(mx1, s[n][2 + e]);
-            }
+                for (int e = 0; e < 2; ++e) {
+                    s[n][e] *= scale2;
+                    s[n][2 + e] *= scale2;
+                    mx0 = fmaxf(mx0, s[n][e]);
+                    mx1 = fmaxf(mx1, s[n][2 + e]);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = c0 + n * 8 + (lane & 3) * 2 + e;
+                    s[n][e] = v0.active && key <= v0.my_pos && key >= v0.my_lo ? s[n][e] * scale2 : -INFINITY;
+                    s[n][2 + e] = v1.active && key <= v1.my_pos && key >= v1.my_lo ? s[n][2 + e] * scale2 : -INFINITY;
+                    mx0 = fmaxf(mx0, s[n][e]);
+                    mx1 = fmaxf(mx1, s[n][2 + e]);
+                }
+        }
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
@@ -873,15 +902,15 @@ __global__ void __launch_bounds__(kFaThreads) paged_attention_fa_k(AttnArgs a, B
         const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         // Rows with no visible key yet keep a base of 0 (exp(-inf) = 0, no NaN).
         const float b0 = mn0 == -INFINITY ? 0.0f : mn0, b1 = mn1 == -INFINITY ? 0.0f : mn1;
-        const float al0 = __expf(m0 - b0), al1 = __expf(m1 - b1);
+        const float al0 = fast_exp2(m0 - b0), al1 = fast_exp2(m1 - b1);
         m0 = mn0, m1 = mn1;
         float ps0 = 0, ps1 = 0;
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                s[n][e] = __expf(s[n][e] - b0);
-                s[n][2 + e] = __expf(s[n][2 + e] - b1);
+                s[n][e] = fast_exp2(s[n][e] - b0);
+                s[n][2 + e] = fast_exp2(s[n][2 + e] - b1);
                 ps0 += s[n][e];
                 ps1 += s[n][2 + e];
             }
