@@ -48,6 +48,7 @@ CORE_CU := $(shell find libcore kernels -name '*.cu' | sort)
 ifeq ($(CUDA),1)
 CORE_CPP := $(filter-out libcore/backend/device_none.cpp,$(CORE_CPP))
 else
+CORE_CPP := $(filter-out libcore/backend/cuda/%,$(CORE_CPP))
 CORE_CU :=
 endif
 CORE_OBJ := $(CORE_CPP:%.cpp=$(BUILD)/obj/%.o) $(CORE_CU:%.cu=$(BUILD)/obj/%.cu.o)

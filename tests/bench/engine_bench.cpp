@@ -148,10 +148,13 @@ void offline(tmc::Engine& e, const std::string& path, int limit) {
     std::unique_lock<std::mutex> lk(mu);
     cv.wait(lk, [&] { return done == lens.size(); });
     const double secs = since(t0);
+    const tmc::EngineStats st = e.stats();
     line("offline_output", double(out_tokens) / secs, "tok/s",
          ", \"requests\": " + std::to_string(lens.size()) + ", \"requests_per_s\": " + std::to_string(double(lens.size()) / secs) +
              ", \"input_tokens\": " + std::to_string(in_tokens) + ", \"output_tokens\": " + std::to_string(out_tokens) +
-             ", \"seconds\": " + std::to_string(secs));
+             ", \"seconds\": " + std::to_string(secs) + ", \"engine_steps\": " + std::to_string(st.steps) +
+             ", \"preemptions\": " + std::to_string(st.preemptions) + ", \"kv_blocks\": " + std::to_string(st.blocks_total) +
+             ", \"block_size\": " + std::to_string(st.block_size));
 }
 
 }  // namespace

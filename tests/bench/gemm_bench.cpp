@@ -16,43 +16,16 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "backend/cuda/cublas_dyn.hpp"
-#include "base/dynlib.hpp"
 #include "tests/bench/gpu_timing.hpp"
 
-namespace {
-
-struct Lt {
-    cublasStatus_t (*create)(cublasLtHandle_t*);
-    cublasStatus_t (*desc_create)(cublasLtMatmulDesc_t*, cublasComputeType_t, cudaDataType_t);
-    cublasStatus_t (*desc_set)(cublasLtMatmulDesc_t, cublasLtMatmulDescAttributes_t, const void*, size_t);
-    cublasStatus_t (*layout_create)(cublasLtMatrixLayout_t*, cudaDataType, uint64_t, uint64_t, int64_t);
-    cublasStatus_t (*pref_create)(cublasLtMatmulPreference_t*);
-    cublasStatus_t (*pref_set)(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t, const void*, size_t);
-    cublasStatus_t (*heuristic)(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
-                                cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t, int,
-                                cublasLtMatmulHeuristicResult_t*, int*);
-    cublasStatus_t (*matmul)(cublasLtHandle_t, cublasLtMatmulDesc_t, const void*, const void*, cublasLtMatrixLayout_t,
-                             const void*, cublasLtMatrixLayout_t, const void*, const void*, cublasLtMatrixLayout_t,
-                             void*, cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t);
-};
-
-}  // namespace
-
 int main() {
-    const tmc::DynLib lib("cuBLASLt", {"libcublasLt.so.13", "libcublasLt.so", "/usr/local/cuda/lib64/libcublasLt.so.13"});
-    Lt lt;
-    lib.get(lt.create, "cublasLtCreate");
-    lib.get(lt.desc_create, "cublasLtMatmulDescCreate");
-    lib.get(lt.desc_set, "cublasLtMatmulDescSetAttribute");
-    lib.get(lt.layout_create, "cublasLtMatrixLayoutCreate");
-    lib.get(lt.pref_create, "cublasLtMatmulPreferenceCreate");
-    lib.get(lt.pref_set, "cublasLtMatmulPreferenceSetAttribute");
-    lib.get(lt.heuristic, "cublasLtMatmulAlgoGetHeuristic");
-    lib.get(lt.matmul, "cublasLtMatmul");
+    const tmc::cuda::CublasLt& lt = tmc::cuda::cublas_lt();
     const auto& cb = tmc::cuda::cublas();
     cublasHandle_t h;
     cb.create(&h);
@@ -78,8 +51,29 @@ int main() {
 
     cudaMalloc(&x, size_t(max_rows) * 14336 * 2);
     cudaMalloc(&y, size_t(max_rows) * 28672 * 4);
-    cudaMemset(wbuf, 0x3c, wbuf_bytes);
-    cudaMemset(x, 0x3c, size_t(max_rows) * 14336 * 2);
+    {
+        // Random values (weights about N(0, 0.02), activations about N(0, 1)):
+        // tensor cores draw more power on them than on a constant, and the
+        // clock falls accordingly.
+        std::vector<uint16_t> r(size_t(16) << 20);
+        uint64_t st = 0x9e3779b97f4a7c15ull;
+        const auto fill = [&](float scale) {
+            for (auto& v : r) {
+                st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+                const float u = (float(st >> 40) / float(1 << 24) - 0.5f) * 3.46f * scale;  // variance scale^2
+                uint32_t b;
+                std::memcpy(&b, &u, 4);
+                v = uint16_t(b >> 16);
+            }
+        };
+        fill(0.02f);
+        for (size_t off = 0; off < wbuf_bytes; off += r.size() * 2)
+            cudaMemcpy(static_cast<char*>(wbuf) + off, r.data(), std::min(r.size() * 2, wbuf_bytes - off), cudaMemcpyHostToDevice);
+        fill(1.0f);
+        const size_t xb = size_t(max_rows) * 14336 * 2;
+        for (size_t off = 0; off < xb; off += r.size() * 2)
+            cudaMemcpy(static_cast<char*>(x) + off, r.data(), std::min(r.size() * 2, xb - off), cudaMemcpyHostToDevice);
+    }
     const float alpha = 1.0f, beta = 0.0f;
     for (const Shape& s : shapes)
         for (int m : rows) {
@@ -129,7 +123,11 @@ int main() {
                         "%.1f, \"us_lt_best\": %.1f, \"best_index\": %d, \"of\": %d, \"x_best\": %.3f, \"TFLOPs\": "
                         "%.1f, \"us_weight_bytes\": %.1f}\n",
                         s.name, m, us_default, first, best, best_i, got, us_default / best, tf, us_bytes);
+            lt.pref_destroy(pref);
+            lt.layout_destroy(la), lt.layout_destroy(lb), lt.layout_destroy(lc);
+            lt.desc_destroy(d);
         }
+    lt.destroy(lh);
     return 0;
 }
 #else

@@ -19,4 +19,26 @@ const Cublas& cublas() {
     return c;
 }
 
+const CublasLt& cublas_lt() {
+    static CublasLt c = [] {
+        const DynLib lib("cuBLASLt", {"libcublasLt.so.13", "libcublasLt.so", "/usr/local/cuda/lib64/libcublasLt.so.13"});
+        CublasLt t;
+        lib.get(t.create, "cublasLtCreate");
+        lib.get(t.destroy, "cublasLtDestroy");
+        lib.get(t.desc_create, "cublasLtMatmulDescCreate");
+        lib.get(t.desc_destroy, "cublasLtMatmulDescDestroy");
+        lib.get(t.desc_set, "cublasLtMatmulDescSetAttribute");
+        lib.get(t.layout_create, "cublasLtMatrixLayoutCreate");
+        lib.get(t.layout_destroy, "cublasLtMatrixLayoutDestroy");
+        lib.get(t.pref_create, "cublasLtMatmulPreferenceCreate");
+        lib.get(t.pref_destroy, "cublasLtMatmulPreferenceDestroy");
+        lib.get(t.pref_set, "cublasLtMatmulPreferenceSetAttribute");
+        lib.get(t.heuristic, "cublasLtMatmulAlgoGetHeuristic");
+        lib.get(t.check, "cublasLtMatmulAlgoCheck");
+        lib.get(t.matmul, "cublasLtMatmul");
+        return t;
+    }();
+    return c;
+}
+
 }  // namespace tmc::cuda

@@ -3,6 +3,7 @@
 // cuBLAS (fp32 accumulation; the residual add fused as beta = 1), our own
 // kernels for the rest (kernels/). Activations and the KV cache are 16-bit,
 // the residual stream and logits fp32.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -21,6 +23,7 @@
 #include "backend/cpu/kernels.hpp"
 #include "backend/comm.hpp"
 #include "backend/cuda/cublas_dyn.hpp"
+#include "backend/cuda/gemm_tuner.hpp"
 #include "backend/cuda/nccl_comm.hpp"
 #include "backend/cuda/step_profile.hpp"
 #include "model/tp_split.hpp"
@@ -47,6 +50,7 @@ void check(cublasStatus_t s, const char* what) {
 struct DevWeight {
     void* ptr = nullptr;
     int rows = 0, cols = 0;
+    int tuned = -1;  // the GemmTuner shape of its matmuls
 };
 
 template <class T>
@@ -117,6 +121,9 @@ private:
     bool graph_buckets_ = true;    // TM_CUDA_GRAPH_BUCKETS=0: one graph per decode batch size
     bool device_sampling_ = true;  // TM_CUDA_SAMPLING=0: every sampled row's logits to the host
     bool gemv_ = true;             // TM_CUDA_GEMV=0: projections of 1-2 rows through cuBLAS too
+    bool gemm_tune_ = true;        // TM_CUDA_GEMM_TUNE=0: cublasGemmEx's default algorithm at every size
+    std::unique_ptr<cuda::GemmTuner> tuner_;
+    void tune_gemms();
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -213,6 +220,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_FA_PREFILL", fa_prefill_);
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
+    on("TM_CUDA_GEMM_TUNE", gemm_tune_);
     on("TM_CUDA_SAMPLING", device_sampling_);
     if (const char* g = std::getenv("TM_CUDA_PROFILE"); g && std::string(g) == "1") {
         prof_.enable(cfg_.num_layers * 11 + 8);
@@ -339,6 +347,78 @@ void CudaBackend::init(const BackendLimits& limits) {
                 T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
     check(cudaMallocHost(&h_meta_, meta_cap_ * 4), "cudaMallocHost");
+    if (gemm_tune_) tune_gemms();
+}
+
+// Random 16-bit values (about N(0, 1)) in n elements of p: the tuner's
+// activations (tensor cores draw more power, and run slower, on random data
+// than on zeros).
+void fill_random(cuda::Dt dt, void* p, size_t n, cudaStream_t s) {
+    std::vector<uint16_t> r(size_t(1) << 22);
+    uint64_t st = 0x9e3779b97f4a7c15ull;
+    for (auto& v : r) {
+        st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+        const float u = (float(st >> 40) / float(1 << 24) - 0.5f) * 3.46f;
+        if (dt == cuda::Dt::BF16) {
+            uint32_t b;
+            std::memcpy(&b, &u, 4);
+            v = uint16_t(b >> 16);
+        } else {
+            const __half h = __float2half_rn(u);
+            std::memcpy(&v, &h, 2);
+        }
+    }
+    for (size_t off = 0; off < n; off += r.size())
+        check(cudaMemcpyAsync(static_cast<uint16_t*>(p) + off, r.data(), std::min(r.size(), n - off) * 2,
+                              cudaMemcpyHostToDevice, s),
+              "tuning data");
+    check(cudaStreamSynchronize(s), "tuning data");
+}
+
+// Each projection's matmul algorithm by number of rows (gemm_tuner.hpp),
+// timed on this model's weights at start-up.
+void CudaBackend::tune_gemms() {
+    tuner_ = std::make_unique<cuda::GemmTuner>(cdt_, stream_, blas_ws_.p, blas_ws_.n);
+    const int T = lim_.max_batch_tokens, H = cfg_.hidden_size, I = cfg_.intermediate_size;
+    fill_random(dt_, h_.p, size_t(T) * H, stream_);
+    fill_random(dt_, attn_.p, size_t(T) * cfg_.q_size(), stream_);
+    fill_random(dt_, act_.p, size_t(T) * I, stream_);
+    const float residual_beta = !comm_ || rank_ == 0 ? 1.0f : 0.0f;  // add_projection's
+    const auto tune = [&](DevWeight Layer::*member, const void* x, void* y, cudaDataType yt, int ldy, float beta,
+                          int max_rows, DevWeight* single) {
+        std::vector<const void*> ws;
+        if (single) ws.push_back(single->ptr);
+        else
+            for (auto& L : layers_) ws.push_back((L.*member).ptr);
+        const DevWeight& w0 = single ? *single : layers_[0].*member;
+        const cuda::GemmTuner::Shape sh{w0.rows, w0.cols, yt, ldy, beta};
+        // The output layer only to 1,024 rows (a batch's sampled rows; more
+        // only with prompt log-probabilities): its tuning is the longest.
+        const int tune_rows = single ? std::min(max_rows, 1024) : max_rows;
+        const int id = tuner_->add(sh, ws, x, y, max_rows, tune_rows, [&](int rows, const void* w) {
+            const float alpha = 1.0f;
+            check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w0.rows, rows, w0.cols, &alpha, w, cdt_,
+                                         w0.cols, x, cdt_, w0.cols, &beta, y, yt, ldy, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT),
+                  "gemm");
+        });
+        if (single) single->tuned = id;
+        else
+            for (auto& L : layers_) (L.*member).tuned = id;
+        if (std::getenv("TM_CUDA_GEMM_TUNE_LOG"))
+            for (auto& p : tuner_->picks(id))
+                std::fprintf(stderr, "tm cuda gemm %dx%d rows %d: default %.1f us, pick %d %.1f us\n", w0.rows, w0.cols,
+                             p.rows, p.us_default, p.heuristic, p.us_pick);
+    };
+    const int qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
+    tune(&Layer::wqkv, h_.p, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f, T, nullptr);
+    tune(&Layer::wo, attn_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
+    tune(&Layer::w13, h_.p, gu_.p, cdt_, 2 * I, 0.0f, T, nullptr);
+    tune(&Layer::w2, act_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
+    fill_random(dt_, hn_.p, size_t(lim_.max_logit_rows) * H, stream_);
+    tune(nullptr, hn_.p, logits_.p, CUDA_R_32F, out_rows_, 0.0f, lim_.max_logit_rows, &output_);
+    check(cudaMemsetAsync(x_.p, 0, size_t(T) * H * 4, stream_), "tuning");
+    check(cudaStreamSynchronize(stream_), "tuning");
 }
 
 void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta) {
@@ -351,6 +431,7 @@ void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDa
         launched("gemv");
         return;
     }
+    if (tuner_ && w.tuned >= 0 && tuner_->run(w.tuned, T, w.ptr, x, y, ytype, ldy, beta)) return;
     const float alpha = 1.0f;
     // Row-major Y[T, N] = X[T, K] W[N, K]^T is column-major Y^T = W X^T.
     check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, T, w.cols, &alpha, w.ptr, cdt_, w.cols, x,
