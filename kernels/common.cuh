@@ -4,9 +4,41 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <utility>
+
 #include "kernels/kernels.cuh"
 
 namespace tmc::cuda {
+
+// Programmatic dependent launch (sm_90). Kernels started by launch() may be
+// scheduled while the previous kernel of the stream finishes; each such
+// kernel calls pdl_wait() before anything else, which returns once that
+// kernel has completed and its writes are visible, and pdl_trigger(), which
+// lets the next one be scheduled as this one's blocks drain. Launched
+// without the attribute (set_programmatic_launch(false)), both are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_begin() {
+    pdl_wait();
+    pdl_trigger();
+}
+
+bool programmatic_launch();
+
+template <class... P, class... A>
+inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t c{};
+    c.gridDim = grid;
+    c.blockDim = block;
+    c.dynamicSmemBytes = smem;
+    c.stream = s;
+    c.attrs = &attr;
+    c.numAttrs = programmatic_launch() ? 1 : 0;
+    cudaLaunchKernelEx(&c, kernel, std::forward<A>(args)...);  // errors: the caller's cudaGetLastError
+}
 
 template <class T>
 __device__ __forceinline__ float to_f(T v);

@@ -4,6 +4,7 @@
 // and writes 2. RMSNorm takes a block per row; the others' grids cover
 // elements (SiLU-mul with 16-byte vectors when I allows).
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -28,6 +29,7 @@ __global__ void embedding_k(const T* emb, const int* tokens, int H, float* x) {
 constexpr int kNormVec = 4;
 template <class T>
 __global__ void rmsnorm4_k(const float* x, const int* rows, int H, const T* w, float eps, T* out) {
+    pdl_begin();
     const int r = blockIdx.x, H4 = H / 4;
     const float4* xr = reinterpret_cast<const float4*>(x + size_t(rows ? rows[r] : r) * H);
     float4 v[kNormVec];
@@ -52,6 +54,7 @@ __global__ void rmsnorm4_k(const float* x, const int* rows, int H, const T* w, f
 
 template <class T>
 __global__ void rmsnorm_k(const float* x, const int* rows, int H, const T* w, float eps, T* out) {
+    pdl_begin();
     const int r = blockIdx.x;
     const float* xr = x + size_t(rows ? rows[r] : r) * H;
     float ss = 0;
@@ -64,6 +67,7 @@ __global__ void rmsnorm_k(const float* x, const int* rows, int H, const T* w, fl
 
 template <class T>
 __global__ void silu_mul_k(const T* gu, int I, T* out) {
+    pdl_begin();
     const int t = blockIdx.y;
     const T* g = gu + size_t(t) * 2 * I;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
@@ -76,6 +80,7 @@ __global__ void silu_mul_k(const T* gu, int I, T* out) {
 // multiple of 8: the whole [rows, I] output is one flat range of vectors.
 template <class T>
 __global__ void silu_mul8_k(const uint4* gu, int I8, size_t n8, uint4* out) {
+    pdl_begin();
     for (size_t v = size_t(blockIdx.x) * blockDim.x + threadIdx.x; v < n8;
          v += size_t(gridDim.x) * blockDim.x) {
         const size_t t = v / size_t(I8), i = v - t * size_t(I8);
@@ -97,6 +102,7 @@ __global__ void silu_mul8_k(const uint4* gu, int I8, size_t n8, uint4* out) {
 // One block per row: each thread scans a strided share, then the block
 // reduces; the first of equal maxima wins (as torch.argmax and the CPU).
 __global__ void argmax_rows_k(const float* x, int V, int* out, float* vals) {
+    pdl_begin();
     __shared__ float bv[32];
     __shared__ int bi[32];
     const float* r = x + size_t(blockIdx.x) * V;
@@ -142,9 +148,16 @@ bool vectorized() {
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_programmatic{true};
+}
+
+bool programmatic_launch() { return g_programmatic.load(std::memory_order_relaxed); }
+void set_programmatic_launch(bool on) { g_programmatic.store(on); }
+
 void argmax_rows(const float* x, int R, int V, int* out, cudaStream_t s, float* vals) {
     if (R == 0) return;
-    argmax_rows_k<<<R, 1024, 0, s>>>(x, V, out, vals);
+    launch(argmax_rows_k, dim3(R), dim3(1024), 0, s, x, V, out, vals);
 }
 
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s) {
@@ -168,14 +181,14 @@ void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w
         const int t = std::max(32, (per + 31) / 32 * 32);
         if (t <= 1024) {
             TM_DISPATCH_DT(dt, W,
-                           rmsnorm4_k<W><<<R, t, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps,
-                                                         static_cast<W*>(out)));
+                           launch(rmsnorm4_k<W>, dim3(R), dim3(t), 0, s, x, rows, H, static_cast<const W*>(w), eps,
+                                  static_cast<W*>(out)));
             return;
         }
     }
     TM_DISPATCH_DT(dt, W,
-                   rmsnorm_k<W><<<R, threads, 0, s>>>(x, rows, H, static_cast<const W*>(w), eps,
-                                                      static_cast<W*>(out)));
+                   launch(rmsnorm_k<W>, dim3(R), dim3(threads), 0, s, x, rows, H, static_cast<const W*>(w), eps,
+                          static_cast<W*>(out)));
 }
 
 void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s) {
@@ -185,14 +198,13 @@ void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s) {
         const size_t n8 = size_t(T) * size_t(I / 8);
         const int blocks = int(std::min<size_t>((n8 + 255) / 256, size_t(132) * 16));
         TM_DISPATCH_DT(dt, W,
-                       silu_mul8_k<W><<<blocks, 256, 0, s>>>(static_cast<const uint4*>(gu), I / 8,
-                                                             n8, static_cast<uint4*>(out)));
+                       launch(silu_mul8_k<W>, dim3(blocks), dim3(256), 0, s, static_cast<const uint4*>(gu), I / 8, n8,
+                              static_cast<uint4*>(out)));
         return;
     }
     dim3 grid((I + 255) / 256, T);
     TM_DISPATCH_DT(dt, W,
-                   silu_mul_k<W>
-                   <<<grid, 256, 0, s>>>(static_cast<const W*>(gu), I, static_cast<W*>(out)));
+                   launch(silu_mul_k<W>, grid, dim3(256), 0, s, static_cast<const W*>(gu), I, static_cast<W*>(out)));
 }
 
 }  // namespace tmc::cuda

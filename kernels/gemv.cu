@@ -46,6 +46,7 @@ __device__ __forceinline__ void store_y(Y* p, float v) {
 template <class T, int R, class Y>
 __global__ void __launch_bounds__(kWarps * 32) gemv_k(const T* W, int N, int K, const T* X, int ldx, Y* out, int ldy,
                                                      float beta) {
+    pdl_begin();
     const int n = blockIdx.x * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (n >= N) return;
     const uint4* w = reinterpret_cast<const uint4*>(W + size_t(n) * K);
@@ -82,20 +83,20 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_k(const T* W, int N, int K, 
 }
 
 template <class T, class Y>
-void launch(const void* W, int N, int K, const void* X, int ldx, int R, void* Y_, int ldy, float beta, cudaStream_t s) {
+void launch_rows(const void* W, int N, int K, const void* X, int ldx, int R, void* Y_, int ldy, float beta, cudaStream_t s) {
     const dim3 grid((N + kWarps - 1) / kWarps), block(kWarps * 32);
     const T* w = static_cast<const T*>(W);
     const T* x = static_cast<const T*>(X);
     Y* y = static_cast<Y*>(Y_);
     switch (R) {
-        case 1: gemv_k<T, 1, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        case 2: gemv_k<T, 2, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        case 3: gemv_k<T, 3, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        case 4: gemv_k<T, 4, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        case 5: gemv_k<T, 5, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        case 6: gemv_k<T, 6, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        case 7: gemv_k<T, 7, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
-        default: gemv_k<T, 8, Y><<<grid, block, 0, s>>>(w, N, K, x, ldx, y, ldy, beta); break;
+        case 1: launch(gemv_k<T, 1, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        case 2: launch(gemv_k<T, 2, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        case 3: launch(gemv_k<T, 3, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        case 4: launch(gemv_k<T, 4, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        case 5: launch(gemv_k<T, 5, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        case 6: launch(gemv_k<T, 6, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        case 7: launch(gemv_k<T, 7, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
+        default: launch(gemv_k<T, 8, Y>, grid, block, 0, s, w, N, K, x, ldx, y, ldy, beta); break;
     }
 }
 
@@ -105,8 +106,8 @@ bool gemv(Dt dt, const void* W, int N, int K, const void* X, int ldx, int R, voi
           cudaStream_t s) {
     const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     if (R < 1 || R > kMaxGemvRows || K % 8 || ldx % 8 || !aligned(W) || !aligned(X)) return false;
-    if (y_f32) TM_DISPATCH_DT(dt, T, (launch<T, float>(W, N, K, X, ldx, R, Y, ldy, beta, s)));
-    else TM_DISPATCH_DT(dt, T, (launch<T, T>(W, N, K, X, ldx, R, Y, ldy, beta, s)));
+    if (y_f32) TM_DISPATCH_DT(dt, T, (launch_rows<T, float>(W, N, K, X, ldx, R, Y, ldy, beta, s)));
+    else TM_DISPATCH_DT(dt, T, (launch_rows<T, T>(W, N, K, X, ldx, R, Y, ldy, beta, s)));
     return true;
 }
 

@@ -19,6 +19,10 @@ namespace tmc::cuda {
 
 enum class Dt : int { BF16 = 0, F16 = 1 };
 
+// Whether the kernels that follow another kernel are launched with
+// programmatic dependent launch (common.cuh; on by default, process-wide).
+void set_programmatic_launch(bool on);
+
 // x[t, :] = emb[tokens[t], :] (as fp32).
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s);
 

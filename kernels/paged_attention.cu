@@ -73,6 +73,7 @@ __device__ __forceinline__ ItemKeys item_keys(const AttnArgs& a, const BatchDev&
 
 template <class T, int B>
 __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
+    pdl_begin();
     __shared__ float q[kMaxGroup][kMaxHd];
     __shared__ float p[kMaxGroup][kChunk];
     __shared__ float alpha[kMaxGroup];
@@ -214,6 +215,7 @@ __device__ __forceinline__ float reduce_heads(float (&v)[G], int lane, int& head
 
 template <class T, int HD, int G, int RS>
 __global__ void __launch_bounds__(kThreads, 1) paged_decode_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
+    pdl_begin();
     constexpr int C = kRingChunk, KL = HD + 8, V8 = HD / 8;
     constexpr int TPK = V8;                  // threads per key in the scores
     constexpr int KPP = kThreads / TPK;      // keys per pass of the scores
@@ -403,6 +405,7 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_k(AttnArgs a, BatchD
 // part[capacity nq hd + 2 (i nq + h)].
 template <class T>
 __global__ void merge_items_k(AttnArgs a, const int4* items, const int2* row_items, int capacity) {
+    pdl_begin();
     __shared__ float w[kMaxSplits];
     __shared__ float inv_l;
     const int2 ri = row_items[blockIdx.x];  // {first item, items}
@@ -467,6 +470,7 @@ __host__ __device__ constexpr int k_stride() { return HD + 8; }  // bf16 element
 template <class T, int HD, int B>
 __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs a, BatchDev b, KvLayout kv,
                                                                          const int2* tiles) {
+    pdl_begin();
     extern __shared__ float smem[];
     constexpr int QS = HD + 1, SS = kTileK + 1, KS = k_stride<HD>(), CPT = HD / 4;
     float* qs = smem;               // [kTileQ][QS]
@@ -574,7 +578,7 @@ void launch_tiled(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, cons
     const size_t bytes = size_t(kTileQ) * (HD + 1) * 4 + size_t(kTileQ) * (kTileK + 1) * 4 +
                          2 * size_t(kTileK) * k_stride<HD>() * sizeof(T);
     allow_smem<paged_attention_tiled_k<T, HD, B>>(bytes);
-    paged_attention_tiled_k<T, HD, B><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
+    launch(paged_attention_tiled_k<T, HD, B>, dim3(n, a.nkv), dim3(kTileThreads), bytes, s, a, b, kv, tiles);
 }
 
 // ---------------------------------------------------------------- tiled, tensor cores
@@ -595,6 +599,7 @@ constexpr size_t mma_tile_bytes(size_t elem) {
 template <class T, int HD, int B>
 __global__ void __launch_bounds__(kTileThreads) paged_attention_mma_k(AttnArgs a, BatchDev b, KvLayout kv,
                                                                        const int2* tiles) {
+    pdl_begin();
     using namespace nvcuda;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // Leading dimensions: multiples of 8 (16-bit) or 4 (fp32) elements, and
@@ -788,6 +793,7 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 template <class T, int HD>
 __global__ void __launch_bounds__(kFaThreads, kFaBlocksPerSm) paged_attention_fa_k(AttnArgs a, BatchDev b, KvLayout kv,
                                                                                      const int2* tiles) {
+    pdl_begin();
     constexpr int L = HD + 8;     // row stride (elements): 16-byte rows, banks shifted by 4 words a row
     constexpr int KS = HD / 16;   // k-steps of Q K^T
     constexpr int NO = HD / 8;    // n-tiles of O
@@ -977,6 +983,7 @@ constexpr size_t mma_decode_smem_bytes() {
 
 template <class T, int HD, int RS, int NW>
 __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
+    pdl_begin();
     constexpr int W = NW, NT = 32 * NW, C = 16 * NW;  // warps, threads, keys a chunk (16 a warp)
     constexpr int L = HD + 8, V8 = HD / 8, KS = HD / 16, NO = HD / 8;
     constexpr int PER = C * V8 / NT;  // 16-byte copies a thread per chunk, each of K and V
@@ -1140,14 +1147,14 @@ template <class T, int HD>
 void launch_fa(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     constexpr size_t bytes = fa_smem_bytes<HD>();
     allow_smem<paged_attention_fa_k<T, HD>>(bytes);
-    paged_attention_fa_k<T, HD><<<dim3(n, a.nkv), kFaThreads, bytes, s>>>(a, b, kv, tiles);
+    launch(paged_attention_fa_k<T, HD>, dim3(n, a.nkv), dim3(kFaThreads), bytes, s, a, b, kv, tiles);
 }
 
 template <class T, int HD, int B>
 void launch_mma(const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int2* tiles, int n, cudaStream_t s) {
     const size_t bytes = mma_tile_bytes<HD>(sizeof(T));
     allow_smem<paged_attention_mma_k<T, HD, B>>(bytes);
-    paged_attention_mma_k<T, HD, B><<<dim3(n, a.nkv), kTileThreads, bytes, s>>>(a, b, kv, tiles);
+    launch(paged_attention_mma_k<T, HD, B>, dim3(n, a.nkv), dim3(kTileThreads), bytes, s, a, b, kv, tiles);
 }
 
 template <class T, int HD, int G>
@@ -1155,14 +1162,14 @@ void launch_ring(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout
     constexpr int RS = kDecodeRingStages;
     constexpr size_t bytes = ring_smem_bytes<HD, G, RS>();
     allow_smem<paged_decode_k<T, HD, G, RS>>(bytes);
-    paged_decode_k<T, HD, G, RS><<<grid, kThreads, bytes, s>>>(a, b, kv, rows);
+    launch(paged_decode_k<T, HD, G, RS>, grid, dim3(kThreads), bytes, s, a, b, kv, rows);
 }
 
 template <class T, int HD, int RS, int NW>
 void launch_mma_decode(dim3 grid, const AttnArgs& a, const BatchDev& b, const KvLayout& kv, const int4* items, cudaStream_t s) {
     constexpr size_t bytes = mma_decode_smem_bytes<HD, RS, NW>();
     allow_smem<paged_decode_mma_k<T, HD, RS, NW>>(bytes);
-    paged_decode_mma_k<T, HD, RS, NW><<<grid, 32 * NW, bytes, s>>>(a, b, kv, items);
+    launch(paged_decode_mma_k<T, HD, RS, NW>, grid, dim3(32 * NW), bytes, s, a, b, kv, items);
 }
 
 template <class T, int HD>
@@ -1234,9 +1241,9 @@ void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout
     else if (ring && a.hd == 64)
         TM_DISPATCH_DT(dt, W, (launch_decode<W, 64>(grid, a, b, kv, items, s)));
     else
-        TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (paged_attention_k<W, B><<<grid, kThreads, 0, s>>>(a, b, kv, items))));
+        TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch(paged_attention_k<W, B>, grid, dim3(kThreads), 0, s, a, b, kv, items))));
     if (a.split_scratch)
-        TM_DISPATCH_DT(dt, W, (merge_items_k<W><<<dim3(n_rows, a.nq), 128, 0, s>>>(a, items, row_items, capacity)));
+        TM_DISPATCH_DT(dt, W, (launch(merge_items_k<W>, dim3(n_rows, a.nq), dim3(128), 0, s, a, items, row_items, capacity)));
 }
 
 int attention_tile_rows(int group) { return std::max(1, kTileQ / group); }

@@ -49,6 +49,7 @@ __device__ void quantize_row(const KvLayout& kv, const float* sm, int block, int
 
 template <class T, int B>
 __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
+    pdl_begin();
     __shared__ float buf[kWarps][kMaxHd];
     __shared__ float2 rot[kMaxHd / 2];  // (cos, sin) of pos * inv_freq[i]
     // blockIdx.y picks a group of kWarps heads: several blocks per row.
@@ -125,7 +126,7 @@ void qkv_rope_cache(Dt dt, const QkvArgs& a, const BatchDev& b, const KvLayout& 
     // for a 4096-token step of the 8B model).
     const int groups = (a.nq + 2 * a.nkv + kWarps - 1) / kWarps;
     dim3 grid(a.T, std::clamp((528 + a.T - 1) / a.T, 1, groups));
-    TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (qkv_rope_cache_k<W, B><<<grid, kWarps * 32, 0, s>>>(a, b, kv))));
+    TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch(qkv_rope_cache_k<W, B>, grid, dim3(kWarps * 32), 0, s, a, b, kv))));
 }
 
 }  // namespace tmc::cuda

@@ -221,6 +221,9 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
     on("TM_CUDA_GEMM_TUNE", gemm_tune_);
+    bool pdl = true;  // TM_CUDA_PDL=0: every kernel waits for the previous one to finish before it is scheduled
+    on("TM_CUDA_PDL", pdl);
+    cuda::set_programmatic_launch(pdl);
     on("TM_CUDA_SAMPLING", device_sampling_);
     if (const char* g = std::getenv("TM_CUDA_PROFILE"); g && std::string(g) == "1") {
         prof_.enable(cfg_.num_layers * 11 + 8);
