@@ -829,14 +829,23 @@ __global__ void __launch_bounds__(kFaThreads, kFaBlocksPerSm) paged_attention_fa
     const T* cache = static_cast<const T*>(kv.base);
     const size_t vdelta = size_t(kv.kv_heads) * kv.block_size * HD;  // V row - K row
     // Copies chunk c0's K and V into buffer `buf` (one commit group); rows
-    // past the end are zero (P is 0 there, and 0 x garbage may be NaN).
+    // past the end are zero (P is 0 there, and 0 x garbage may be NaN). A
+    // thread copies the same 16 bytes of RPT rows RSTEP apart: one division
+    // a chunk gives the first row's block and slot, then the slot steps.
+    constexpr int RPT = kTileK * V8 / kFaThreads, RSTEP = kFaThreads / V8;
+    static_assert(RPT * kFaThreads == kTileK * V8 && RSTEP * V8 == kFaThreads);
+    const int kk0 = tid / V8, c = (tid % V8) * 8, bs = kv.block_size;
+    const size_t head_k = (size_t(a.layer) * 2 * kv.kv_heads + kh) * size_t(bs) * HD + c, belems = kv.block_elems();
     const auto stage = [&](int c0, int buf) {
         T* Ks = Kb + buf * kTileK * L;
         T* Vs = Vb + buf * kTileK * L;
-        for (int i = tid; i < kTileK * V8; i += kFaThreads) {
-            const int kk = i / V8, c = (i % V8) * 8, ps = c0 + kk;
+        int ps = c0 + kk0, blk = ps / bs, slot = ps - blk * bs;
+#pragma unroll
+        for (int j = 0; j < RPT; ++j, ps += RSTEP, slot += RSTEP) {
+            while (slot >= bs) slot -= bs, ++blk;
+            const int kk = kk0 + j * RSTEP;
             if (ps < hi) {
-                const T* kp = cache + kv.offset(table[ps / kv.block_size], a.layer, 0, kh, ps % kv.block_size) + c;
+                const T* kp = cache + size_t(table[blk]) * belems + head_k + size_t(slot) * HD;
                 __pipeline_memcpy_async(Ks + kk * L + c, kp, 16);
                 __pipeline_memcpy_async(Vs + kk * L + c, kp + vdelta, 16);
             } else {

@@ -381,6 +381,7 @@ void fill_random(cuda::Dt dt, void* p, size_t n, cudaStream_t s) {
 // Each projection's matmul algorithm by number of rows (gemm_tuner.hpp),
 // timed on this model's weights at start-up.
 void CudaBackend::tune_gemms() {
+    const auto t0 = std::chrono::steady_clock::now();
     tuner_ = std::make_unique<cuda::GemmTuner>(cdt_, stream_, blas_ws_.p, blas_ws_.n);
     const int T = lim_.max_batch_tokens, H = cfg_.hidden_size, I = cfg_.intermediate_size;
     fill_random(dt_, h_.p, size_t(T) * H, stream_);
@@ -422,6 +423,9 @@ void CudaBackend::tune_gemms() {
     tune(nullptr, hn_.p, logits_.p, CUDA_R_32F, out_rows_, 0.0f, lim_.max_logit_rows, &output_);
     check(cudaMemsetAsync(x_.p, 0, size_t(T) * H * 4, stream_), "tuning");
     check(cudaStreamSynchronize(stream_), "tuning");
+    if (std::getenv("TM_CUDA_GEMM_TUNE_LOG"))
+        std::fprintf(stderr, "tm cuda gemm: tuned in %.2f s\n",
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta) {

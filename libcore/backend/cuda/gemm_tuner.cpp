@@ -1,6 +1,8 @@
 #include "backend/cuda/gemm_tuner.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "backend/cuda/cublas_dyn.hpp"
@@ -148,10 +150,13 @@ bool GemmTuner::run(int shape, int T, const void* w, const void* x, void* y, cud
             const CublasLt& lt = cublas_lt();
             layouts(e.s, T, r.lx, r.ly);
             cublasLtMatmulHeuristicResult_t chk{};
-            if (lt.check(lt_, desc_, e.lw, r.lx, r.ly, r.ly, &e.algos[i], &chk) == CUBLAS_STATUS_SUCCESS &&
-                chk.workspaceSize <= ws_bytes_) {
+            const cublasStatus_t st = lt.check(lt_, desc_, e.lw, r.lx, r.ly, r.ly, &e.algos[i], &chk);
+            if (st == CUBLAS_STATUS_SUCCESS && chk.workspaceSize <= ws_bytes_) {
                 r.algo = e.algos[i];
                 r.state = 1;
+            } else if (std::getenv("TM_CUDA_GEMM_TUNE_LOG")) {
+                std::fprintf(stderr, "tm cuda gemm %dx%d rows %d: the pick of %d rows does not apply (status %d)\n",
+                             e.s.n, e.s.k, T, e.picks[i].rows, int(st));
             }
         }
     }
