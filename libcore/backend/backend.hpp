@@ -77,6 +77,13 @@ public:
     // Runs the plan; returns logits [plan.logit_rows.size()][vocab_size],
     // valid until the next call (the caller may modify them in place).
     virtual float* forward(const BatchPlan& plan) = 0;
+    // The same step in two halves: launch() queues it, collect() waits for
+    // it and returns what forward() would. An asynchronous backend returns
+    // from launch() before the device is done, so the host can work
+    // meanwhile (the engine sends the previous step's text then).
+    virtual void launch(const BatchPlan& plan) { launched_ = forward(plan); }
+    virtual float* collect() { return launched_; }
+    virtual bool asynchronous() const { return false; }
     // When forward() returned null (plan.greedy_only): the argmax of each
     // logit row, in plan.logit_rows order.
     virtual const int* greedy_ids() { return nullptr; }
@@ -95,6 +102,9 @@ public:
     // The KV pool size to use when the user sets none: `fraction` of the
     // device memory still free (GPU), or a fixed budget (CPU).
     virtual size_t default_kv_bytes(double fraction, int max_batch_tokens) const = 0;
+
+private:
+    float* launched_ = nullptr;
 };
 
 // Sees the activations of a forward pass (calibration). Called on the

@@ -66,6 +66,7 @@ struct Req {
     std::unique_ptr<StreamDecoder> dec;
     std::string held;             // decoded text not yet emitted (may start a stop string)
     std::vector<int> new_ids;     // since the last output
+    std::vector<int> pending;     // tokens not yet decoded to text (sent during the next step)
     std::string new_text;
     std::vector<float> prompt_lp;
     std::vector<TokenLogprob> new_lp;  // with new_ids, when sampling.logprobs >= 0
@@ -105,6 +106,10 @@ struct Engine::Impl {
     int max_batch_tokens = 512;
     int max_batch_size = 256;
     std::vector<int> eos_ids;
+    // With an asynchronous backend, a step's tokens are decoded and sent
+    // while the device runs the next step (requests without stop strings;
+    // TM_ASYNC_OUTPUT=0: at once).
+    bool defer_text = false;
 
     // Inbox, shared with callers.
     mutable std::mutex mu;
@@ -155,6 +160,8 @@ struct Engine::Impl {
     bool evict_one_session();
     void release_session(Session& s);
     void on_token(Req& r, int token);
+    void decode_pending(Req& r);
+    void send_pending();
     void publish();
 };
 
@@ -353,6 +360,10 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     im->eos_ids = im->cfg.eos_token_ids;
     if (im->tok->eos_id() >= 0 && std::find(im->eos_ids.begin(), im->eos_ids.end(), im->tok->eos_id()) == im->eos_ids.end())
         im->eos_ids.push_back(im->tok->eos_id());
+    if (const char* g = std::getenv("TM_ASYNC_OUTPUT"))
+        im->defer_text = im->backend->asynchronous() && std::string(g) != "0";
+    else
+        im->defer_text = im->backend->asynchronous();
     im->st.blocks_total = num_blocks;
     im->st.blocks_free = num_blocks;
     im->st.block_size = block_size;
@@ -807,7 +818,9 @@ void Engine::Impl::step() {
             if (q.temperature > 0) q.u = std::min(float(sl.r->rng.uniform()), 0x1.fffffep-1f);
         }
     }
-    float* logits = backend->forward(plan);
+    backend->launch(plan);
+    if (defer_text) send_pending();  // the previous step's text, while the device runs this one
+    float* logits = backend->collect();
     const auto t_post = Clock::now();
     const int* greedy = logits ? nullptr : backend->greedy_ids();
     if (!logits && !greedy) throw Error("the backend returned neither logits nor token ids");
@@ -920,12 +933,23 @@ void Engine::Impl::on_token(Req& r, int tok) {
     }
     const bool is_eos = std::find(eos_ids.begin(), eos_ids.end(), tok) != eos_ids.end();
     if ((is_eos && !p.ignore_eos) || std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end()) {
+        decode_pending(r);
         r.new_text += r.held;  // the held text did not become a stop string
         r.held.clear();
         r.done = FinishReason::Stop;
         return;
     }
-    r.held += r.dec->push(tok);
+    const bool at_max = r.out_count() >= p.max_tokens;
+    const bool at_ctx = int(r.seq.tokens.size()) > max_ctx;
+    if (defer_text && p.stop.empty()) {
+        // Decoded and sent during the next step (send_pending), unless it is the last.
+        r.pending.push_back(tok);
+        if (!at_max && !at_ctx) return;
+        decode_pending(r);
+    } else {
+        decode_pending(r);
+        r.held += r.dec->push(tok);
+    }
     if (!p.stop.empty()) {
         size_t cut = std::string::npos;
         for (auto& s : p.stop) cut = std::min(cut, r.held.find(s));
@@ -943,8 +967,6 @@ void Engine::Impl::on_token(Req& r, int tok) {
         r.new_text += r.held;
         r.held.clear();
     }
-    const bool at_max = r.out_count() >= p.max_tokens;
-    const bool at_ctx = int(r.seq.tokens.size()) > max_ctx;
     if (at_max || at_ctx) {
         r.held += r.dec->finish();
         r.new_text += r.held;
@@ -953,6 +975,24 @@ void Engine::Impl::on_token(Req& r, int tok) {
         return;
     }
     emit(r, false, FinishReason::None, {});
+}
+
+// Text of the tokens on_token left for later (no stop strings to look for).
+void Engine::Impl::decode_pending(Req& r) {
+    for (int tok : r.pending) {
+        r.held += r.dec->push(tok);
+        r.new_text += r.held;
+        r.held.clear();
+    }
+    r.pending.clear();
+}
+
+void Engine::Impl::send_pending() {
+    for (auto& r : running)
+        if (!r->pending.empty()) {
+            decode_pending(*r);
+            emit(*r, false, FinishReason::None, {});
+        }
 }
 
 // Sends an output. A final one marks the request done (cb cleared after the
@@ -987,6 +1027,7 @@ void Engine::Impl::emit(Req& r, bool final, FinishReason why, const std::string&
 // frees its blocks, removes it, publishes the stats, then sends its final
 // output (so a caller that sees the end also sees the blocks back).
 void Engine::Impl::finish(Req* r, FinishReason why, const std::string& error) {
+    decode_pending(*r);
     std::unique_ptr<Req> owned;
     for (size_t i = 0; i < running.size() && !owned; ++i)
         if (running[i].get() == r) {

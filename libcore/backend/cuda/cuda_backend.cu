@@ -80,6 +80,9 @@ public:
     size_t default_kv_bytes(double fraction, int max_batch_tokens) const override;
     void init(const BackendLimits& limits) override;
     float* forward(const BatchPlan& plan) override;
+    void launch(const BatchPlan& plan) override;
+    float* collect() override;
+    bool asynchronous() const override { return !comm_; }
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     const int* greedy_ids() override { return h_ids_; }
     const float* greedy_values() override { return h_vals_; }
@@ -149,6 +152,17 @@ private:
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
     long tp_timeout_s_ = 600;  // TM_TP_TIMEOUT: a step's longest wait before the group is ended
     void wait(const char* what);
+    float* enqueue(const BatchPlan& plan);  // forward() up to the wait
+    struct Pending {
+        float* out = nullptr;
+        bool decode = false;
+        int T = 0;
+        bool queued = false;
+    } pending_;
+    float* queued(float* out, bool decode, int T) {
+        pending_ = {out, decode, T, true};
+        return out;
+    }
     [[noreturn]] void end_group(bool late);
     void sync_ranks();
     std::shared_ptr<HostBarrier> barrier_;  // tp > 1: shared by the ranks
@@ -525,6 +539,21 @@ void CudaBackend::sync_ranks() {
 }
 
 float* CudaBackend::forward(const BatchPlan& plan) {
+    enqueue(plan);
+    return collect();
+}
+
+void CudaBackend::launch(const BatchPlan& plan) { enqueue(plan); }
+
+float* CudaBackend::collect() {
+    if (!pending_.queued) throw Error("cuda backend: collect() without a launched step");
+    pending_.queued = false;
+    wait("forward");
+    prof_.end(pending_.decode, pending_.T);
+    return pending_.out;
+}
+
+float* CudaBackend::enqueue(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
     trace("forward rows", T);
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
@@ -663,9 +692,7 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         launched("sample_rows");
         prof_.mark(prof_.kLogits);
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
-        wait("forward");
-        prof_.end(decode, T);
-        return nullptr;
+        return queued(nullptr, decode, T);
     }
     if (L > 0 && plan.greedy_only) {
         // Greedy rows: only the token ids come back (and, on a rank holding
@@ -677,18 +704,13 @@ float* CudaBackend::forward(const BatchPlan& plan) {
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
         if (slice)
             check(cudaMemcpyAsync(h_vals_, vals_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "values download");
-        wait("forward");
-        prof_.end(decode, T);
-        return nullptr;
+        return queued(nullptr, decode, T);
     }
     trace("synchronize rows", T);
     if (L > 0)
         check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(out_rows_) * 4, cudaMemcpyDeviceToHost, stream_),
               "logits download");
-    wait("forward");
-    prof_.end(decode, T);
-    trace("done rows", T);
-    return h_logits_;
+    return queued(h_logits_, decode, T);
 }
 
 // x += in · wᵀ (the residual add fused into the GEMM). With tensor
