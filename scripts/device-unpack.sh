@@ -7,6 +7,7 @@
 # C/shared with GPU_TESTS=C/bin/gpu-tests, CALIB_STATS=C/calib.stats).
 C=$(cd "${1:-.carry}" && pwd)
 tar xzf "$C/bin.tar.gz" -C "$C"
+[ -d "$C/shared/tokenizers/llama3" ] || tar xzf "$C/tokenizers.tar.gz" -C "$C/shared"
 mkdir -p "$C/shared/models"
 [ -d "$C/shared/models/tinytech-25m" ] || tar xzf "$C/tinytech.tar.gz" -C "$C/shared/models"
 if [ ! -d "$C/shared/models/random-qwen3" ]; then
