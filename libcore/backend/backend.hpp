@@ -134,6 +134,10 @@ struct CpuBackendOptions {
     // Tensor parallelism: this backend is rank comm->rank() of comm->size()
     // (the workspace's tp) and sums its partial outputs through comm. Null: tp 1.
     Communicator* comm = nullptr;
+    // launch() runs the step on a worker thread and returns at once (as the
+    // CUDA backend does), so the engine's overlapped path runs on the CPU
+    // too (TM_CPU_ASYNC=1; tests).
+    bool async = false;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Workspace& ws, const CpuBackendOptions& opt);

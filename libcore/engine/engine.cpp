@@ -306,6 +306,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         co.threads = opt.threads;
         co.kv_quant = kv_quant;
         co.kv_params = std::move(kv_params);
+        if (const char* g = std::getenv("TM_CPU_ASYNC")) co.async = std::string(g) == "1";
         im->backend = make_cpu_tp_backend(*im->ws, co);
     }
 

@@ -331,6 +331,73 @@ TEST(Engine, SeededSamplingRepeatsAloneAndInBatch) {
     EXPECT_TRUE(any_differs);
 }
 
+// With an asynchronous backend a step's text is decoded and sent while the
+// next step runs: the outputs are those of the synchronous engine, request
+// by request (tokens, text, finish reason, log-probabilities, usage), for a
+// batch mixing plain greedy requests, stop strings, stop tokens, sampling,
+// log-probabilities and a cancellation.
+TEST(Engine, AsynchronousBackendSendsTheSameOutputs) {
+    auto batch = [](tmc::Engine& e) {
+        const auto p1 = e.tokenizer().encode("The Linux kernel", true);
+        const auto p2 = e.tokenizer().encode("Once upon a time", true);
+        std::vector<tmc::Request> reqs;
+        reqs.push_back(greedy(p1, 20));
+        reqs.push_back(greedy(p2, 7));
+        tmc::Request stop = greedy(p1, 30);
+        stop.sampling.stop = {"the"};
+        reqs.push_back(stop);
+        tmc::Request stop_id = greedy(p2, 30);
+        stop_id.sampling.stop_token_ids = {13};
+        reqs.push_back(stop_id);
+        tmc::Request sampled = greedy(p2, 16);
+        sampled.sampling.temperature = 0.8f;
+        sampled.sampling.seed = 7;
+        sampled.sampling.logprobs = 2;
+        reqs.push_back(sampled);
+        tmc::Request one = greedy(p1, 1);
+        reqs.push_back(one);
+        return run_all(e, reqs);
+    };
+    auto sync = tmc::Engine::open(tinytech_ws(), cpu_opts());
+    const auto want = batch(*sync);
+    sync.reset();
+    ::setenv("TM_CPU_ASYNC", "1", 1);
+    auto async = tmc::Engine::open(tinytech_ws(), cpu_opts());
+    ::unsetenv("TM_CPU_ASYNC");
+    const auto got = batch(*async);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+        SCOPED_TRACE("request " + std::to_string(i));
+        EXPECT_EQ(got[i].ids, want[i].ids);
+        EXPECT_EQ(got[i].text, want[i].text);
+        EXPECT_EQ(got[i].final.finish_reason, want[i].final.finish_reason);
+        EXPECT_EQ(got[i].final.usage.completion_tokens, want[i].final.usage.completion_tokens);
+        EXPECT_FALSE(got[i].text.empty());
+    }
+    // Streaming: every token reaches the client, and a cancelled request
+    // still ends with one final output holding all its text.
+    auto s = async->generate(greedy(async->tokenizer().encode("The Linux kernel", true), 200));
+    std::vector<int> ids;
+    std::string text;
+    int finals = 0;
+    bool cancelled = false;
+    tmc::FinishReason why = tmc::FinishReason::None;
+    for (tmc::Output o; s.next(o);) {
+        ids.insert(ids.end(), o.token_ids.begin(), o.token_ids.end());
+        text += o.text;
+        if (ids.size() >= 5 && !o.finished && !cancelled) async->cancel(s.id()), cancelled = true;
+        if (o.finished) ++finals, why = o.finish_reason;
+    }
+    EXPECT_EQ(finals, 1);
+    EXPECT_EQ(why, tmc::FinishReason::Cancelled);
+    ASSERT_GE(ids.size(), 5u);
+    EXPECT_LT(ids.size(), 200u);
+    EXPECT_EQ(std::vector<int>(want[0].ids.begin(), want[0].ids.begin() + 5), std::vector<int>(ids.begin(), ids.begin() + 5));
+    const std::string all = async->tokenizer().decode(ids, true);
+    EXPECT_EQ(all.substr(0, text.size()), text);
+    EXPECT_GE(text.size() + 4, all.size());  // at most a held partial character is missing
+}
+
 TEST(Engine, StopStringsStopTokensAndLimits) {
     auto e = tmc::Engine::open(tinytech_ws(), cpu_opts());
     auto prompt = e->tokenizer().encode("The Linux kernel", true);

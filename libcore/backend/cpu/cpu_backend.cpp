@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <future>
 
 #include "backend/backend.hpp"
 #include "backend/comm.hpp"
@@ -48,6 +49,12 @@ public:
         if (comm_) comm_->abort();
     }
     float* forward(const BatchPlan& plan) override;
+    void launch(const BatchPlan& plan) override {
+        if (!async_) return Backend::launch(plan);
+        step_ = std::async(std::launch::async, [this, &plan] { return forward(plan); });
+    }
+    float* collect() override { return async_ ? step_.get() : Backend::collect(); }
+    bool asynchronous() const override { return async_; }
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     size_t default_kv_bytes(double, int) const override { return size_t(1) << 30; }
 
@@ -65,6 +72,8 @@ private:
     void rows(int T, F&& f);  // f(row) in parallel over rows
     void attention_layer(const BatchPlan& plan, int layer, int T);
 
+    bool async_ = false;
+    std::future<float*> step_;  // async_: the step launch() started
     ModelConfig cfg_;
     const Kernels& k_;
     ThreadPool pool_;
@@ -122,6 +131,7 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     : cfg_(ws.model()),
       k_(cpu::cpu_kernels()),
       pool_(opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()))) {
+    async_ = opt.async && !opt.comm;
     const int tp = opt.comm ? opt.comm->size() : 1;
     if (ws.tp() != tp)
         throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) + "; this backend runs " +
