@@ -23,6 +23,7 @@ const CublasLt& cublas_lt() {
     static CublasLt c = [] {
         const DynLib lib("cuBLASLt", {"libcublasLt.so.13", "libcublasLt.so", "/usr/local/cuda/lib64/libcublasLt.so.13"});
         CublasLt t;
+        lib.get(t.version, "cublasLtGetVersion");
         lib.get(t.create, "cublasLtCreate");
         lib.get(t.destroy, "cublasLtDestroy");
         lib.get(t.desc_create, "cublasLtMatmulDescCreate");

@@ -23,6 +23,7 @@ struct Cublas {
 // The parts of cuBLASLt that pick and run a matmul algorithm
 // (libcublasLt.so.13; backend/cuda/gemm_tuner.hpp, gemm_bench).
 struct CublasLt {
+    size_t (*version)();
     cublasStatus_t (*create)(cublasLtHandle_t*);
     cublasStatus_t (*destroy)(cublasLtHandle_t);
     cublasStatus_t (*desc_create)(cublasLtMatmulDesc_t*, cublasComputeType_t, cudaDataType_t);

@@ -24,6 +24,7 @@
 #include "backend/comm.hpp"
 #include "backend/cuda/cublas_dyn.hpp"
 #include "backend/cuda/gemm_tuner.hpp"
+#include "backend/gemm_tune_cache.hpp"
 #include "backend/cuda/nccl_comm.hpp"
 #include "backend/cuda/step_profile.hpp"
 #include "model/tp_split.hpp"
@@ -125,6 +126,7 @@ private:
     bool device_sampling_ = true;  // TM_CUDA_SAMPLING=0: every sampled row's logits to the host
     bool gemv_ = true;             // TM_CUDA_GEMV=0: projections of 1-2 rows through cuBLAS too
     bool gemm_tune_ = true;        // TM_CUDA_GEMM_TUNE=0: cublasGemmEx's default algorithm at every size
+    bool retune_ = false;          // TM_CUDA_GEMM_TUNE=retune: time again, ignoring the cache
     std::unique_ptr<cuda::GemmTuner> tuner_;
     void tune_gemms();
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
@@ -235,6 +237,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
     on("TM_CUDA_GEMM_TUNE", gemm_tune_);
+    if (const char* g = std::getenv("TM_CUDA_GEMM_TUNE")) retune_ = std::string(g) == "retune";
     bool pdl = true;  // TM_CUDA_PDL=0: every kernel waits for the previous one to finish before it is scheduled
     on("TM_CUDA_PDL", pdl);
     cuda::set_programmatic_launch(pdl);
@@ -396,13 +399,20 @@ void fill_random(cuda::Dt dt, void* p, size_t n, cudaStream_t s) {
 // timed on this model's weights at start-up.
 void CudaBackend::tune_gemms() {
     const auto t0 = std::chrono::steady_clock::now();
+    const bool log = std::getenv("TM_CUDA_GEMM_TUNE_LOG") != nullptr;
     tuner_ = std::make_unique<cuda::GemmTuner>(cdt_, stream_, blas_ws_.p, blas_ws_.n);
     const int T = lim_.max_batch_tokens, H = cfg_.hidden_size, I = cfg_.intermediate_size;
-    fill_random(dt_, h_.p, size_t(T) * H, stream_);
-    fill_random(dt_, attn_.p, size_t(T) * cfg_.q_size(), stream_);
-    fill_random(dt_, act_.p, size_t(T) * I, stream_);
     const float residual_beta = !comm_ || rank_ == 0 ? 1.0f : 0.0f;  // add_projection's
-    const auto tune = [&](DevWeight Layer::*member, const void* x, void* y, cudaDataType yt, int ldy, float beta,
+    const int qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
+    // Picks of earlier runs on this device and cuBLASLt (formats/gemm-tune.md).
+    const std::string cache_path = gemm_tune_cache_path();
+    const std::vector<GemmTuneEntry> cache = retune_ ? std::vector<GemmTuneEntry>{} : read_gemm_tune_cache(cache_path);
+    std::vector<GemmTuneEntry> fresh;
+    const char* ab = dt_ == cuda::Dt::BF16 ? "bf16" : "f16";
+    const auto type_name = [&](cudaDataType t) { return t == CUDA_R_32F ? "f32" : ab; };
+    const int lt_version = int(cuda::cublas_lt().version());
+    bool filled = false, filled_hn = false;
+    const auto tune = [&](DevWeight Layer::*member, void* x, void* y, cudaDataType yt, int ldy, float beta,
                           int max_rows, DevWeight* single) {
         std::vector<const void*> ws;
         if (single) ws.push_back(single->ptr);
@@ -410,36 +420,63 @@ void CudaBackend::tune_gemms() {
             for (auto& L : layers_) ws.push_back((L.*member).ptr);
         const DevWeight& w0 = single ? *single : layers_[0].*member;
         const cuda::GemmTuner::Shape sh{w0.rows, w0.cols, yt, ldy, beta};
+        GemmTuneEntry key;
+        key.device = device_name_, key.cublaslt = lt_version, key.ab = ab, key.y = type_name(yt);
+        key.n = w0.rows, key.k = w0.cols, key.ldy = ldy, key.beta = beta;
+        const std::vector<std::pair<int, int>>* cached = nullptr;
+        for (auto& c : cache)
+            if (c.same_shape(key)) cached = &c.picks;
+        // Random activations for the timing (tensor cores draw more power,
+        // and run slower, on random data than on zeros).
+        if (!cached && !single && !filled) {
+            fill_random(dt_, h_.p, size_t(T) * H, stream_);
+            fill_random(dt_, attn_.p, size_t(T) * cfg_.q_size(), stream_);
+            fill_random(dt_, act_.p, size_t(T) * I, stream_);
+            filled = true;
+        }
+        if (!cached && single && !filled_hn) fill_random(dt_, hn_.p, size_t(lim_.max_logit_rows) * H, stream_), filled_hn = true;
         // The output layer only to 1,024 rows (a batch's sampled rows; more
         // only with prompt log-probabilities): its tuning is the longest.
         const int tune_rows = single ? std::min(max_rows, 1024) : max_rows;
-        const int id = tuner_->add(sh, ws, x, y, max_rows, tune_rows, [&](int rows, const void* w) {
-            const float alpha = 1.0f;
-            check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w0.rows, rows, w0.cols, &alpha, w, cdt_,
-                                         w0.cols, x, cdt_, w0.cols, &beta, y, yt, ldy, CUBLAS_COMPUTE_32F,
-                                         CUBLAS_GEMM_DEFAULT),
-                  "gemm");
-        });
+        const int id = tuner_->add(
+            sh, ws, x, y, max_rows, tune_rows,
+            [&](int rows, const void* w) {
+                const float alpha = 1.0f;
+                check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w0.rows, rows, w0.cols, &alpha, w, cdt_,
+                                             w0.cols, x, cdt_, w0.cols, &beta, y, yt, ldy, CUBLAS_COMPUTE_32F,
+                                             CUBLAS_GEMM_DEFAULT),
+                      "gemm");
+            },
+            cached);
         if (single) single->tuned = id;
         else
             for (auto& L : layers_) (L.*member).tuned = id;
-        if (std::getenv("TM_CUDA_GEMM_TUNE_LOG"))
+        if (tuner_->timed(id)) {
+            // Saved with the rungs of earlier runs beyond this one's largest.
+            for (auto& p : tuner_->picks(id)) key.picks.emplace_back(p.rows, p.heuristic);
+            if (cached)
+                for (auto& c : *cached)
+                    if (c.first > key.picks.back().first) key.picks.push_back(c);
+            fresh.push_back(std::move(key));
+        }
+        if (log)
             for (auto& p : tuner_->picks(id))
-                std::fprintf(stderr, "tm cuda gemm %dx%d rows %d: default %.1f us, pick %d %.1f us\n", w0.rows, w0.cols,
-                             p.rows, p.us_default, p.heuristic, p.us_pick);
+                std::fprintf(stderr, "tm cuda gemm %dx%d rows %d: %s, pick %d %.1f us (default %.1f us)\n", w0.rows,
+                             w0.cols, p.rows, tuner_->timed(id) ? "timed" : "cached", p.heuristic, p.us_pick,
+                             p.us_default);
     };
-    const int qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
     tune(&Layer::wqkv, h_.p, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f, T, nullptr);
     tune(&Layer::wo, attn_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
     tune(&Layer::w13, h_.p, gu_.p, cdt_, 2 * I, 0.0f, T, nullptr);
     tune(&Layer::w2, act_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
-    fill_random(dt_, hn_.p, size_t(lim_.max_logit_rows) * H, stream_);
     tune(nullptr, hn_.p, logits_.p, CUDA_R_32F, out_rows_, 0.0f, lim_.max_logit_rows, &output_);
     check(cudaMemsetAsync(x_.p, 0, size_t(T) * H * 4, stream_), "tuning");
     check(cudaStreamSynchronize(stream_), "tuning");
-    if (std::getenv("TM_CUDA_GEMM_TUNE_LOG"))
-        std::fprintf(stderr, "tm cuda gemm: tuned in %.2f s\n",
-                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    const bool saved = !fresh.empty() && write_gemm_tune_cache(cache_path, fresh);
+    if (log)
+        std::fprintf(stderr, "tm cuda gemm: %zu of 5 shapes timed in %.2f s%s%s\n", fresh.size(),
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                     saved ? ", saved to " : "", saved ? cache_path.c_str() : "");
 }
 
 void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta) {

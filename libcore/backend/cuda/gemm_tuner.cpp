@@ -69,7 +69,8 @@ void GemmTuner::layouts(const Shape& s, int T, cublasLtMatrixLayout_t& lx, cubla
 }
 
 int GemmTuner::add(const Shape& s, const std::vector<const void*>& weights, const void* x, void* y, int max_rows,
-                   int tune_rows, const std::function<void(int, const void*)>& gemm_ex) {
+                   int tune_rows, const std::function<void(int, const void*)>& gemm_ex,
+                   const std::vector<std::pair<int, int>>* cached) {
     const CublasLt& lt = cublas_lt();
     Entry e;
     e.s = s;
@@ -89,14 +90,40 @@ int GemmTuner::add(const Shape& s, const std::vector<const void*>& weights, cons
         return 1e3 * double(ms) / kCalls;
     };
     tune_rows = std::clamp(tune_rows, 1, max_rows);
+    std::vector<int> rungs;
     for (int T : gemm_tuner_rungs()) {
-        if (T > tune_rows && !e.picks.empty()) break;
-        T = std::min(T, tune_rows);
+        if (T > tune_rows && !rungs.empty()) break;
+        rungs.push_back(std::min(T, tune_rows));
+        if (rungs.back() == tune_rows) break;
+    }
+    // The cache serves when it has every rung (it may have more).
+    std::vector<int> from_cache(rungs.size(), -2);
+    bool use_cache = cached != nullptr;
+    for (size_t i = 0; use_cache && i < rungs.size(); ++i) {
+        for (const auto& [rows, h] : *cached)
+            if (rows == rungs[i]) from_cache[i] = h;
+        use_cache = from_cache[i] != -2;
+    }
+    e.timed = !use_cache;
+    for (size_t ri = 0; ri < rungs.size(); ++ri) {
+        const int T = rungs[ri];
         cublasLtMatrixLayout_t lx, ly;
         layouts(s, T, lx, ly);
         cublasLtMatmulHeuristicResult_t res[kHeuristics];
         int got = 0;
         if (lt.heuristic(lt_, desc_, e.lw, lx, ly, ly, pref_, kHeuristics, res, &got) != CUBLAS_STATUS_SUCCESS) got = 0;
+        if (use_cache) {
+            Pick p;
+            p.rows = T;
+            const int h = from_cache[ri];
+            cublasLtMatmulAlgo_t algo{};
+            if (h >= 0 && h < got) p.heuristic = h, algo = res[h].algo;
+            e.picks.push_back(p);
+            e.algos.push_back(algo);
+            lt.layout_destroy(lx);
+            lt.layout_destroy(ly);
+            continue;
+        }
         // Round 1 times every candidate; round 2 the default and the two
         // fastest again; a candidate's time is its best round.
         std::vector<double> best(size_t(got) + 1, 1e30);
@@ -131,7 +158,6 @@ int GemmTuner::add(const Shape& s, const std::vector<const void*>& weights, cons
         e.algos.push_back(algo);
         lt.layout_destroy(lx);
         lt.layout_destroy(ly);
-        if (T == tune_rows) break;
     }
     e.rows.resize(size_t(max_rows) + 1);
     shapes_.push_back(std::move(e));

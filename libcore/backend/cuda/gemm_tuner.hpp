@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace tmc::cuda {
@@ -48,8 +49,13 @@ public:
     // its id for run(). `weights`: the shape's matrices (one per layer); x:
     // at least tune_rows x k activations; y: room for tune_rows rows;
     // gemm_ex(T, w) runs the default algorithm on the same stream.
+    // With `cached` (rows, heuristic) pairs for every rung this call would
+    // time (a previous run's picks(), gemm_tune_cache.hpp), nothing is
+    // timed: the picks are taken as they are.
     int add(const Shape& s, const std::vector<const void*>& weights, const void* x, void* y, int max_rows,
-            int tune_rows, const std::function<void(int, const void*)>& gemm_ex);
+            int tune_rows, const std::function<void(int, const void*)>& gemm_ex,
+            const std::vector<std::pair<int, int>>* cached = nullptr);
+    bool timed(int shape) const { return shapes_[size_t(shape)].timed; }
     // Runs Y = X W^T (+ beta Y) for T rows with the shape's pick on the
     // stream (graph capture allowed); false: the pick is the default, or the
     // call is not the shape's (output type, ldy, beta), and the caller runs it.
@@ -68,6 +74,7 @@ private:
         std::vector<Pick> picks;
         std::vector<cublasLtMatmulAlgo_t> algos;  // per rung (valid where picks[i].heuristic >= 0)
         std::vector<Rows> rows;                   // by T
+        bool timed = false;                       // false: picks from a cache
     };
     void layouts(const Shape& s, int T, cublasLtMatrixLayout_t& lx, cublasLtMatrixLayout_t& ly) const;
     cudaDataType ab_;
