@@ -146,11 +146,9 @@ bool vectorized() {
     return on;
 }
 
-}  // namespace
+std::atomic<bool> g_programmatic{true};  // set_programmatic_launch
 
-namespace {
-std::atomic<bool> g_programmatic{true};
-}
+}  // namespace
 
 bool programmatic_launch() { return g_programmatic.load(std::memory_order_relaxed); }
 void set_programmatic_launch(bool on) { g_programmatic.store(on); }

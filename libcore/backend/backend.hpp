@@ -78,9 +78,10 @@ public:
     // valid until the next call (the caller may modify them in place).
     virtual float* forward(const BatchPlan& plan) = 0;
     // The same step in two halves: launch() queues it, collect() waits for
-    // it and returns what forward() would. An asynchronous backend returns
-    // from launch() before the device is done, so the host can work
-    // meanwhile (the engine sends the previous step's text then).
+    // it and returns what forward() would; the plan must stay as it is in
+    // between. An asynchronous backend returns from launch() before the
+    // device is done, so the host can work meanwhile (the engine sends the
+    // previous step's text then).
     virtual void launch(const BatchPlan& plan) { launched_ = forward(plan); }
     virtual float* collect() { return launched_; }
     virtual bool asynchronous() const { return false; }

@@ -361,10 +361,8 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     im->eos_ids = im->cfg.eos_token_ids;
     if (im->tok->eos_id() >= 0 && std::find(im->eos_ids.begin(), im->eos_ids.end(), im->tok->eos_id()) == im->eos_ids.end())
         im->eos_ids.push_back(im->tok->eos_id());
-    if (const char* g = std::getenv("TM_ASYNC_OUTPUT"))
-        im->defer_text = im->backend->asynchronous() && std::string(g) != "0";
-    else
-        im->defer_text = im->backend->asynchronous();
+    const char* async_output = std::getenv("TM_ASYNC_OUTPUT");
+    im->defer_text = im->backend->asynchronous() && !(async_output && std::string(async_output) == "0");
     im->st.blocks_total = num_blocks;
     im->st.blocks_free = num_blocks;
     im->st.block_size = block_size;

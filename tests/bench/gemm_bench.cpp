@@ -16,12 +16,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "backend/cuda/cublas_dyn.hpp"
+#include "backend/cuda/gemm_tuner.hpp"
 #include "tests/bench/gpu_timing.hpp"
 
 int main() {
@@ -51,29 +50,11 @@ int main() {
 
     cudaMalloc(&x, size_t(max_rows) * 14336 * 2);
     cudaMalloc(&y, size_t(max_rows) * 28672 * 4);
-    {
-        // Random values (weights about N(0, 0.02), activations about N(0, 1)):
-        // tensor cores draw more power on them than on a constant, and the
-        // clock falls accordingly.
-        std::vector<uint16_t> r(size_t(16) << 20);
-        uint64_t st = 0x9e3779b97f4a7c15ull;
-        const auto fill = [&](float scale) {
-            for (auto& v : r) {
-                st ^= st << 13, st ^= st >> 7, st ^= st << 17;
-                const float u = (float(st >> 40) / float(1 << 24) - 0.5f) * 3.46f * scale;  // variance scale^2
-                uint32_t b;
-                std::memcpy(&b, &u, 4);
-                v = uint16_t(b >> 16);
-            }
-        };
-        fill(0.02f);
-        for (size_t off = 0; off < wbuf_bytes; off += r.size() * 2)
-            cudaMemcpy(static_cast<char*>(wbuf) + off, r.data(), std::min(r.size() * 2, wbuf_bytes - off), cudaMemcpyHostToDevice);
-        fill(1.0f);
-        const size_t xb = size_t(max_rows) * 14336 * 2;
-        for (size_t off = 0; off < xb; off += r.size() * 2)
-            cudaMemcpy(static_cast<char*>(x) + off, r.data(), std::min(r.size() * 2, xb - off), cudaMemcpyHostToDevice);
-    }
+    // Random values (weights about N(0, 0.02), activations about N(0, 1)):
+    // tensor cores draw more power on them than on a constant, and the clock
+    // falls accordingly.
+    tmc::cuda::fill_random(CUDA_R_16BF, wbuf, wbuf_bytes / 2, 0.02f, nullptr);
+    tmc::cuda::fill_random(CUDA_R_16BF, x, size_t(max_rows) * 14336, 1.0f, nullptr);
     const float alpha = 1.0f, beta = 0.0f;
     for (const Shape& s : shapes)
         for (int m : rows) {

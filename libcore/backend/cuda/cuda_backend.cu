@@ -3,7 +3,6 @@
 // cuBLAS (fp32 accumulation; the residual add fused as beta = 1), our own
 // kernels for the rest (kernels/). Activations and the KV cache are 16-bit,
 // the residual stream and logits fp32.
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -154,17 +153,13 @@ private:
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
     long tp_timeout_s_ = 600;  // TM_TP_TIMEOUT: a step's longest wait before the group is ended
     void wait(const char* what);
-    float* enqueue(const BatchPlan& plan);  // forward() up to the wait
-    struct Pending {
+    void enqueue(const BatchPlan& plan);  // forward() up to the wait
+    struct Pending {  // what collect() returns and profiles
         float* out = nullptr;
         bool decode = false;
         int T = 0;
         bool queued = false;
     } pending_;
-    float* queued(float* out, bool decode, int T) {
-        pending_ = {out, decode, T, true};
-        return out;
-    }
     [[noreturn]] void end_group(bool late);
     void sync_ranks();
     std::shared_ptr<HostBarrier> barrier_;  // tp > 1: shared by the ranks
@@ -370,31 +365,6 @@ void CudaBackend::init(const BackendLimits& limits) {
     if (gemm_tune_) tune_gemms();
 }
 
-// Random 16-bit values (about N(0, 1)) in n elements of p: the tuner's
-// activations (tensor cores draw more power, and run slower, on random data
-// than on zeros).
-void fill_random(cuda::Dt dt, void* p, size_t n, cudaStream_t s) {
-    std::vector<uint16_t> r(size_t(1) << 22);
-    uint64_t st = 0x9e3779b97f4a7c15ull;
-    for (auto& v : r) {
-        st ^= st << 13, st ^= st >> 7, st ^= st << 17;
-        const float u = (float(st >> 40) / float(1 << 24) - 0.5f) * 3.46f;
-        if (dt == cuda::Dt::BF16) {
-            uint32_t b;
-            std::memcpy(&b, &u, 4);
-            v = uint16_t(b >> 16);
-        } else {
-            const __half h = __float2half_rn(u);
-            std::memcpy(&v, &h, 2);
-        }
-    }
-    for (size_t off = 0; off < n; off += r.size())
-        check(cudaMemcpyAsync(static_cast<uint16_t*>(p) + off, r.data(), std::min(r.size(), n - off) * 2,
-                              cudaMemcpyHostToDevice, s),
-              "tuning data");
-    check(cudaStreamSynchronize(s), "tuning data");
-}
-
 // Each projection's matmul algorithm by number of rows (gemm_tuner.hpp),
 // timed on this model's weights at start-up.
 void CudaBackend::tune_gemms() {
@@ -426,15 +396,17 @@ void CudaBackend::tune_gemms() {
         const std::vector<std::pair<int, int>>* cached = nullptr;
         for (auto& c : cache)
             if (c.same_shape(key)) cached = &c.picks;
-        // Random activations for the timing (tensor cores draw more power,
-        // and run slower, on random data than on zeros).
+        // Random activations for the timing.
         if (!cached && !single && !filled) {
-            fill_random(dt_, h_.p, size_t(T) * H, stream_);
-            fill_random(dt_, attn_.p, size_t(T) * cfg_.q_size(), stream_);
-            fill_random(dt_, act_.p, size_t(T) * I, stream_);
+            cuda::fill_random(cdt_, h_.p, size_t(T) * H, 1.0f, stream_);
+            cuda::fill_random(cdt_, attn_.p, size_t(T) * cfg_.q_size(), 1.0f, stream_);
+            cuda::fill_random(cdt_, act_.p, size_t(T) * I, 1.0f, stream_);
             filled = true;
         }
-        if (!cached && single && !filled_hn) fill_random(dt_, hn_.p, size_t(lim_.max_logit_rows) * H, stream_), filled_hn = true;
+        if (!cached && single && !filled_hn) {
+            cuda::fill_random(cdt_, hn_.p, size_t(lim_.max_logit_rows) * H, 1.0f, stream_);
+            filled_hn = true;
+        }
         // The output layer only to 1,024 rows (a batch's sampled rows; more
         // only with prompt log-probabilities): its tuning is the longest.
         const int tune_rows = single ? std::min(max_rows, 1024) : max_rows;
@@ -590,7 +562,7 @@ float* CudaBackend::collect() {
     return pending_.out;
 }
 
-float* CudaBackend::enqueue(const BatchPlan& plan) {
+void CudaBackend::enqueue(const BatchPlan& plan) {
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
     trace("forward rows", T);
     if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
@@ -729,7 +701,8 @@ float* CudaBackend::enqueue(const BatchPlan& plan) {
         launched("sample_rows");
         prof_.mark(prof_.kLogits);
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
-        return queued(nullptr, decode, T);
+        pending_ = {nullptr, decode, T, true};
+        return;
     }
     if (L > 0 && plan.greedy_only) {
         // Greedy rows: only the token ids come back (and, on a rank holding
@@ -741,13 +714,14 @@ float* CudaBackend::enqueue(const BatchPlan& plan) {
         check(cudaMemcpyAsync(h_ids_, ids_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "ids download");
         if (slice)
             check(cudaMemcpyAsync(h_vals_, vals_.p, size_t(L) * 4, cudaMemcpyDeviceToHost, stream_), "values download");
-        return queued(nullptr, decode, T);
+        pending_ = {nullptr, decode, T, true};
+        return;
     }
     trace("synchronize rows", T);
     if (L > 0)
         check(cudaMemcpyAsync(h_logits_, logits_.p, size_t(L) * size_t(out_rows_) * 4, cudaMemcpyDeviceToHost, stream_),
               "logits download");
-    return queued(h_logits_, decode, T);
+    pending_ = {h_logits_, decode, T, true};
 }
 
 // x += in · wᵀ (the residual add fused into the GEMM). With tensor

@@ -1,8 +1,12 @@
 #include "backend/cuda/gemm_tuner.hpp"
 
+#include <cuda_fp16.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "backend/cuda/cublas_dyn.hpp"
@@ -24,6 +28,28 @@ constexpr int kHeuristics = 8;  // cuBLASLt's first heuristics timed at each run
 constexpr int kCalls = 3;       // timed calls per candidate and round (after one to warm up)
 
 }  // namespace
+
+void fill_random(cudaDataType type, void* p, size_t n, float scale, cudaStream_t s) {
+    std::vector<uint16_t> r(size_t(1) << 22);
+    uint64_t st = 0x9e3779b97f4a7c15ull;  // xorshift64
+    for (auto& v : r) {
+        st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+        const float u = (float(st >> 40) / float(1 << 24) - 0.5f) * 3.46f * scale;  // uniform, variance scale^2
+        if (type == CUDA_R_16BF) {
+            uint32_t b;
+            std::memcpy(&b, &u, 4);
+            v = uint16_t(b >> 16);
+        } else {
+            const __half h = __float2half_rn(u);
+            std::memcpy(&v, &h, 2);
+        }
+    }
+    for (size_t off = 0; off < n; off += r.size())
+        rt_check(cudaMemcpyAsync(static_cast<uint16_t*>(p) + off, r.data(), std::min(r.size(), n - off) * 2,
+                                 cudaMemcpyHostToDevice, s),
+                 "random data");
+    rt_check(cudaStreamSynchronize(s), "random data");
+}
 
 const std::vector<int>& gemm_tuner_rungs() {
     static const std::vector<int> r = {4,   8,   16,  24,  32,  48,  64,  80,   96,   112,  128,  160,  192, 224,

@@ -88,6 +88,11 @@ private:
     std::vector<Entry> shapes_;
 };
 
+// n random 16-bit values of `type` (CUDA_R_16BF or CUDA_R_16F) at p, about
+// N(0, scale^2), then a stream synchronization: timing data (tensor cores
+// draw more power, and run slower, on random data than on a constant).
+void fill_random(cudaDataType type, void* p, size_t n, float scale, cudaStream_t s);
+
 // The rungs: row counts at which shapes are timed.
 const std::vector<int>& gemm_tuner_rungs();
 
