@@ -14,7 +14,9 @@
 // kernel. A build without CUDA prints nothing and exits 0.
 //   attention_bench [REQUESTS.jsonl]   (with it, decode batches whose contexts
 //   are drawn from the requests: prompt + part of the output)
+// TM_BENCH_BATCH=NAME runs the decode batch of that name alone.
 #include <cstdio>
+#include <cstdlib>
 
 #if TM_WITH_CUDA
 #include <cuda_runtime.h>
@@ -82,7 +84,9 @@ void decode_batches(const std::vector<Batch>& batches, int layers, int layer, si
     const tmc::cuda::KvLayout& kv = pool.kv;
     const std::vector<int>& perm = pool.perm;
     const int qkv_ld = (nq + 2 * nkv) * hd;
+    const char* only = std::getenv("TM_BENCH_BATCH");  // one batch (and no prefill), e.g. for ncu
     for (const Batch& bt : batches) {
+        if (only && bt.name != only) continue;
         std::uniform_int_distribution<int> len(bt.lo, bt.hi);
         std::vector<int> positions, row_seq, block_offset, blocks;
         double kv_bytes = 0;
@@ -189,6 +193,7 @@ int main(int argc, char** argv) {
     decode_batches(batches, 1, 0, size_t(8) << 30, copy_gbs, true, g);
     // The backend's layout: 32 layers a block, 40 GB of cache.
     decode_batches(batches, 32, 17, size_t(40) << 30, copy_gbs, false, g);
+    if (std::getenv("TM_BENCH_BATCH")) return 0;
     const Pool pool(1, size_t(8) << 30, g);
     const tmc::cuda::KvLayout& kv = pool.kv;
     const std::vector<int>& perm = pool.perm;

@@ -419,16 +419,26 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         // Variant 3: the tiles on tensor cores (registers); 4 and 5: 0 and 2
         // by the generic row kernel instead of the ring of chunks; 6: the
         // tiles on tensor cores through shared memory (WMMA); 7 and 8: 0 and
-        // 2 by the ring of chunks on CUDA cores (0 and 2 are on tensor cores).
-        for (int variant = 0; variant < 9; ++variant) {
+        // 2 by the ring of chunks on CUDA cores (0 and 2 are on tensor cores);
+        // 9: all the rows, long ones split (past 64 rows the merge kernel takes 8 heads a
+        // block, 1 below).
+        for (int variant = 0; variant < 10; ++variant) {
             uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
             tmc::cuda::AttnArgs aa{dq,    qkv_ld,    T,     sh.nq, sh.nkv,
                                    sh.hd, sh.window, scale, layer, out};
             aa.tensor_cores = variant == 3 || variant == 6;
             aa.register_tiles = variant == 3;
             aa.ring_decode = variant < 4 || variant >= 7;
-            aa.mma_decode = variant < 7;
-            if (variant == 0 || variant == 4 || variant == 7) {
+            aa.mma_decode = variant < 7 || variant == 9;
+            if (variant == 9) {
+                std::vector<int> all(static_cast<size_t>(T));
+                for (int r = 0; r < T; ++r) all[size_t(r)] = r;
+                float* scratch = poisoned<float>(
+                    tmc::cuda::attention_item_floats(tmc::cuda::decode_item_capacity(T, sh.nkv), sh.nq, sh.hd));
+                aa.split_scratch = scratch;
+                run_items(aa, all, true);
+                cudaFree(scratch);
+            } else if (variant == 0 || variant == 4 || variant == 7) {
                 std::vector<int> all(static_cast<size_t>(T));
                 for (int r = 0; r < T; ++r) all[size_t(r)] = r;
                 run_items(aa, all, false);
@@ -487,12 +497,13 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
                     o /= sum;
                     const bool is_last =
                         std::find(last_rows.begin(), last_rows.end(), r) != last_rows.end();
-                    for (int v = 0; v < 9; ++v) {
+                    for (int v = 0; v < 10; ++v) {
                         if ((v == 2 || v == 5 || v == 8) && !is_last) continue;
                         float g = tmc::bf16_to_f32(
                             outs[size_t(v)][size_t(r) * sh.nq * sh.hd + size_t(h) * sh.hd + i]);
                         ASSERT_NEAR(g, o, 1e-2 * std::abs(o) + 1e-2)
-                            << (v == 8   ? "split (CUDA cores)"
+                            << (v == 9   ? "all rows, split"
+                                : v == 8 ? "split (CUDA cores)"
                                 : v == 7 ? "per row (CUDA cores)"
                                 : v == 6 ? "tiled (tensor cores, WMMA)"
                                 : v == 5 ? "split (generic)"
