@@ -399,28 +399,28 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_k(AttnArgs a, BatchD
 }
 
 // Merges the items of rows split along the sequence. A block of 8 warps
-// takes one row and `hb` query heads, 8 / hb warps a head: lane z weighs
-// piece z, and each warp sums every (8 / hb)-th piece, 4 channels a lane
-// (the warps' sums meet in shared memory). Rows of one item return at
-// once. Many rows: 8 heads a block (a block per row and head made 32 a row,
-// most of which return at once: 211 against 199 us in attention_bench's
-// 372-row batch of unsplit rows); few rows: 1, the 8 warps over its pieces.
-// Item i's partial results: its unnormalized output at part[(i nq + h) hd],
-// its (max, sum) at part[capacity nq hd + 2 (i nq + h)].
+// takes one row and 8 query heads, a warp each; or (few rows: one_head) one
+// row and head, its 8 warps each summing every 8th piece, the sums meeting
+// in shared memory. Lane z weighs piece z; a lane sums 4 channels. Rows of
+// one item return at once. (A block per row and head for many rows made 32
+// a row, most of which return at once: 211 against 199 us in
+// attention_bench's 372-row batch of unsplit rows.) Item i's partial
+// results: its unnormalized output at part[(i nq + h) hd], its (max, sum)
+// at part[capacity nq hd + 2 (i nq + h)].
 constexpr int kMergeWarps = 8;
 constexpr int kMergeFewRows = 64;  // up to this many rows, a head a block
 
-int merge_heads_per_block(int n_rows) { return n_rows <= kMergeFewRows ? 1 : kMergeWarps; }
-
 template <class T>
 __global__ void __launch_bounds__(32 * kMergeWarps) merge_items_k(AttnArgs a, const int4* items, const int2* row_items,
-                                                                  int capacity, int hb) {
+                                                                  int capacity, bool one_head) {
     pdl_begin();
     __shared__ float4 red[kMergeWarps][32];
     const int2 ri = row_items[blockIdx.x];  // {first item, items}
     const int nsplit = ri.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int wph = kMergeWarps / hb, j = warp % wph, h = blockIdx.y * hb + warp / wph;
-    if (nsplit <= 1 || h >= a.nq) return;  // (uniform in a block when wph > 1: then h = blockIdx.y)
+    // This warp's head, and its first piece and stride over the pieces.
+    const int h = one_head ? blockIdx.y : blockIdx.y * kMergeWarps + warp;
+    const int j = one_head ? warp : 0, wph = one_head ? kMergeWarps : 1;
+    if (nsplit <= 1 || h >= a.nq) return;  // (uniform in a block when one_head)
     const int r = items[ri.x].x, hd = a.hd;
     const float* part = a.split_scratch + (size_t(ri.x) * a.nq + h) * hd;  // piece z: + z nq hd
     const float* ml = a.split_scratch + size_t(capacity) * a.nq * hd + 2 * (size_t(ri.x) * a.nq + h);
@@ -443,11 +443,11 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_items_k(AttnArgs a, co
                 v.x += p.x * wgt, v.y += p.y * wgt, v.z += p.z * wgt, v.w += p.w * wgt;
             }
         }
-        if (wph > 1) {
+        if (one_head) {
             red[warp][lane] = v;
             __syncthreads();
             if (warp == 0)
-                for (int k = 1; k < wph; ++k) {
+                for (int k = 1; k < kMergeWarps; ++k) {
                     const float4 u = red[k][lane];
                     v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
                 }
@@ -1278,11 +1278,10 @@ void paged_attention(Dt dt, const AttnArgs& a, const BatchDev& b, const KvLayout
         TM_DISPATCH_DT(dt, W, (launch_decode<W, 64>(grid, a, b, kv, items, s)));
     else
         TM_DISPATCH_DT(dt, W, TM_DISPATCH_BITS(kv.bits, B, (launch(paged_attention_k<W, B>, grid, dim3(kThreads), 0, s, a, b, kv, items))));
-    if (a.split_scratch)
-        {
-        const int hb = merge_heads_per_block(n_rows);
-        TM_DISPATCH_DT(dt, W, (launch(merge_items_k<W>, dim3(n_rows, (a.nq + hb - 1) / hb), dim3(32 * kMergeWarps), 0, s,
-                                      a, items, row_items, capacity, hb)));
+    if (a.split_scratch) {
+        const bool one_head = n_rows <= kMergeFewRows;
+        TM_DISPATCH_DT(dt, W, (launch(merge_items_k<W>, dim3(n_rows, one_head ? a.nq : (a.nq + kMergeWarps - 1) / kMergeWarps),
+                                      dim3(32 * kMergeWarps), 0, s, a, items, row_items, capacity, one_head)));
     }
 }
 

@@ -422,6 +422,8 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
         // 2 by the ring of chunks on CUDA cores (0 and 2 are on tensor cores);
         // 9: all the rows, long ones split (past 64 rows the merge kernel takes 8 heads a
         // block, 1 below).
+        std::vector<int> all(static_cast<size_t>(T));  // every row of the step
+        for (int r = 0; r < T; ++r) all[size_t(r)] = r;
         for (int variant = 0; variant < 10; ++variant) {
             uint16_t* out = poisoned<uint16_t>(size_t(T) * sh.nq * sh.hd);
             tmc::cuda::AttnArgs aa{dq,    qkv_ld,    T,     sh.nq, sh.nkv,
@@ -431,16 +433,12 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
             aa.ring_decode = variant < 4 || variant >= 7;
             aa.mma_decode = variant < 7 || variant == 9;
             if (variant == 9) {
-                std::vector<int> all(static_cast<size_t>(T));
-                for (int r = 0; r < T; ++r) all[size_t(r)] = r;
                 float* scratch = poisoned<float>(
                     tmc::cuda::attention_item_floats(tmc::cuda::decode_item_capacity(T, sh.nkv), sh.nq, sh.hd));
                 aa.split_scratch = scratch;
                 run_items(aa, all, true);
                 cudaFree(scratch);
             } else if (variant == 0 || variant == 4 || variant == 7) {
-                std::vector<int> all(static_cast<size_t>(T));
-                for (int r = 0; r < T; ++r) all[size_t(r)] = r;
                 run_items(aa, all, false);
             } else if (variant == 2 || variant == 5 || variant == 8) {
                 float* scratch = poisoned<float>(
