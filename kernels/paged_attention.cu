@@ -1019,7 +1019,11 @@ constexpr size_t mma_decode_smem_bytes() {
 
 template <class T, int HD, int RS, int NW>
 __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchDev b, KvLayout kv, const int4* items) {
-    pdl_begin();
+    // The step's metadata and the keys cached by earlier steps are no
+    // output of the kernels before this one: they are read, and the first
+    // chunk's copies issued, before waiting for those kernels (programmatic
+    // launch), unless the chunk holds a key of this step (written by the
+    // previous kernel, as Q).
     constexpr int W = NW, NT = 32 * NW, C = 16 * NW;  // warps, threads, keys a chunk (16 a warp)
     constexpr int L = HD + 8, V8 = HD / 8, KS = HD / 16, NO = HD / 8;
     constexpr int PER = C * V8 / NT;  // 16-byte copies a thread per chunk, each of K and V
@@ -1029,7 +1033,10 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
     T* const Vb = Kb + RS * C * L;            // [RS][C][L]
     __shared__ float wm[W][kMaxGroup], wl[W][kMaxGroup];
     const int4 it = items[blockIdx.x];  // {row, piece, pieces of the row}; row -1: no work
-    if (it.x < 0) return;
+    if (it.x < 0) {
+        pdl_begin();
+        return;
+    }
     const int r = it.x, kh = blockIdx.y;
     const int group = a.nq / a.nkv;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1072,8 +1079,22 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
         }
         __pipeline_commit();
     };
+    // The first key this step writes for the row's sequence: the row's own,
+    // or that of the first of its rows (a prompt chunk of a few rows comes
+    // as rows of one sequence in a run).
+    int first_new = b.positions[r], j = r - 1;
+    const int seq = b.row_seq[r];
+    for (int n = 0; n < 4 && j >= 0 && b.row_seq[j] == seq; ++n, --j) first_new = b.positions[j];
+    const bool early = (j < 0 || b.row_seq[j] != seq) && begin + (RS - 1) * C <= first_new;
+    if (early) {
 #pragma unroll
-    for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
+        for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
+    }
+    pdl_begin();
+    if (!early) {
+#pragma unroll
+        for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
+    }
     // Q as the A operand: row gq (head gq of the group), columns 2 tq, 2 tq + 1 and + 8.
     uint32_t qf[KS][4];
     {
