@@ -14,7 +14,8 @@
 // kernel. A build without CUDA prints nothing and exits 0.
 //   attention_bench [REQUESTS.jsonl]   (with it, decode batches whose contexts
 //   are drawn from the requests: prompt + part of the output)
-// TM_BENCH_BATCH=NAME runs the decode batch of that name alone.
+// TM_BENCH_BATCH=NAME runs the decode batch of that name alone; =prefill, the
+// prefill batches alone (the last: the request file's prompts, to 16,384 tokens).
 #include <cstdio>
 #include <cstdlib>
 
@@ -166,8 +167,8 @@ int main(int argc, char** argv) {
     std::mt19937 g(7);
     // Decode rows as an offline run of a request file has them: each
     // request's prompt plus part of its output.
+    std::vector<std::pair<int, int>> req;
     if (argc > 1) {
-        std::vector<std::pair<int, int>> req;
         if (FILE* f = std::fopen(argv[1], "r")) {
             char line[256];
             int in = 0, out = 0;
@@ -193,30 +194,49 @@ int main(int argc, char** argv) {
     decode_batches(batches, 1, 0, size_t(8) << 30, copy_gbs, true, g);
     // The backend's layout: 32 layers a block, 40 GB of cache.
     decode_batches(batches, 32, 17, size_t(40) << 30, copy_gbs, false, g);
-    if (std::getenv("TM_BENCH_BATCH")) return 0;
+    if (const char* only = std::getenv("TM_BENCH_BATCH"); only && std::string(only) != "prefill") return 0;
     const Pool pool(1, size_t(8) << 30, g);
     const tmc::cuda::KvLayout& kv = pool.kv;
     const std::vector<int>& perm = pool.perm;
     const int qkv_ld = (nq + 2 * nkv) * hd;
     // Prefill: `seqs` prompts of `len` tokens each, one step.
     struct Prefill {
-        const char* name;
-        int seqs, len;
+        std::string name;
+        std::vector<int> lens;
     };
-    for (const Prefill& pf : {Prefill{"1x2048", 1, 2048}, Prefill{"8x512", 8, 512}, Prefill{"16x256", 16, 256},
-                              Prefill{"4x1024", 4, 1024}}) {
-        const int T = pf.seqs * pf.len, tr = tmc::cuda::attention_tile_rows(nq / nkv);
+    std::vector<Prefill> prefills = {{"1x2048", {2048}},
+                                     {"8x512", std::vector<int>(8, 512)},
+                                     {"16x256", std::vector<int>(16, 256)},
+                                     {"4x1024", std::vector<int>(4, 1024)}};
+    // The request file's prompts in order, whole, to 16,384 tokens: the
+    // attention of an offline run's prompts.
+    if (!req.empty()) {
+        Prefill pr{"requests-prompts", {}};
+        int sum = 0;
+        for (const auto& q : req) {
+            if (sum + q.first > 16384) break;
+            pr.lens.push_back(q.first), sum += q.first;
+        }
+        prefills.push_back(pr);
+    }
+    for (const Prefill& pf : prefills) {
+        int T = 0;
+        for (int n : pf.lens) T += n;
+        const int tr = tmc::cuda::attention_tile_rows(nq / nkv);
         std::vector<int> positions, row_seq, block_offset, blocks, tiles;
         size_t next = 0;
         double flops = 0;
-        for (int q = 0; q < pf.seqs; ++q) {
+        int row0 = 0;
+        for (int q = 0; q < int(pf.lens.size()); ++q) {
+            const int len = pf.lens[size_t(q)];
             block_offset.push_back(int(blocks.size()));
-            for (int b = 0; b < (pf.len + bs - 1) / bs; ++b) blocks.push_back(perm[next++ % perm.size()]);
-            for (int p = 0; p < pf.len; ++p) {
+            for (int b = 0; b < (len + bs - 1) / bs; ++b) blocks.push_back(perm[next++ % perm.size()]);
+            for (int p = 0; p < len; ++p) {
                 positions.push_back(p), row_seq.push_back(q);
                 flops += 4.0 * (p + 1) * nq * hd;
             }
-            for (int r = 0; r < pf.len; r += tr) tiles.push_back(q * pf.len + r), tiles.push_back(std::min(tr, pf.len - r));
+            for (int r = 0; r < len; r += tr) tiles.push_back(row0 + r), tiles.push_back(std::min(tr, len - r));
+            row0 += len;
         }
         int *dpos = upload(positions), *dseq = upload(row_seq), *doff = upload(block_offset), *dblk = upload(blocks),
             *dtiles = upload(tiles);
@@ -237,7 +257,7 @@ int main(int argc, char** argv) {
             check(cudaGetLastError(), "paged_attention_tiled");
             std::printf("{\"bench\": \"prefill_attention\", \"batch\": \"%s\", \"kernel\": \"%s\", \"us\": %.1f, "
                         "\"TFLOPs\": %.1f}\n",
-                        pf.name, regs ? "registers" : "wmma", s * 1e6, flops / s / 1e12);
+                        pf.name.c_str(), regs ? "registers" : "wmma", s * 1e6, flops / s / 1e12);
         }
         cudaFree(dpos), cudaFree(dseq), cudaFree(doff), cudaFree(dblk), cudaFree(dtiles), cudaFree(dq), cudaFree(out);
     }

@@ -186,6 +186,17 @@ int main(int argc, char** argv) {
             const double pre = median3([&] { return prompt_rate(*e, 2048); });
             line("prefill_2048", pre, "tok/s", ", \"ttft_s\": " + std::to_string(2048.0 / pre));
         }
+        // TM_BENCH_DECODE=B,P,G: decode tokens/s of B requests of P prompt
+        // and G new tokens (a step shape of interest, for profiling).
+        if (const char* d = std::getenv("TM_BENCH_DECODE")) {
+            int b = 0, p = 0, g = 0;
+            if (std::sscanf(d, "%d,%d,%d", &b, &p, &g) == 3 && b > 0 && p > 0 && g > 0) {
+                const double r = decode_rate(*e, b, p, g);
+                line("decode_custom", r, "tok/s", ", \"batch\": " + std::to_string(b) + ", \"prompt\": " +
+                                                      std::to_string(p) + ", \"ms_per_step\": " +
+                                                      std::to_string(1e3 * b / r));
+            }
+        }
         if (want("decode_b16")) line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
         if (want("offline")) {
             if (argc > 6) offline(*e, argv[5], std::atoi(argv[6]));  // the subset Hugging Face also runs

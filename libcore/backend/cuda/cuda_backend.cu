@@ -3,6 +3,7 @@
 // cuBLAS (fp32 accumulation; the residual add fused as beta = 1), our own
 // kernels for the rest (kernels/). Activations and the KV cache are 16-bit,
 // the residual stream and logits fp32.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -116,6 +117,18 @@ private:
              size_t o_items, size_t o_row_items, size_t o_tiles, size_t o_blocks);
     static constexpr int kMaxGraphBatch = 256;
     bool graphs_enabled_ = true;
+    long ncu_step_ = -1, steps_ = 0;  // TM_CUDA_NCU_STEP: the decode step a profiler records (cudaProfilerStart)
+    // TM_CUDA_STEP_GPU=1: per decode step, the GPU's time from the step's
+    // first upload to its last download (events) against the host's time
+    // from one collect() to the next; the difference is the GPU idle between
+    // steps. Printed on standard error at the end.
+    struct StepGpu {
+        bool on = false;
+        cudaEvent_t a = nullptr, b = nullptr;
+        std::chrono::steady_clock::time_point last{}, enq{};
+        long steps = 0;
+        double gpu_ms = 0, wall_ms = 0, host_ms = 0;
+    } sg_;
     bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
     bool mma_attention_ = true;    // TM_CUDA_MMA_ATTENTION=0: prefill tiles on CUDA cores
     bool fa_prefill_ = true;       // TM_CUDA_FA_PREFILL=0: prefill tiles through shared memory (WMMA)
@@ -224,6 +237,12 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
         if (const char* g = std::getenv(name)) v = std::string(g) != "0";
     };
     on("TM_CUDA_GRAPHS", graphs_enabled_);
+    if (const char* g = std::getenv("TM_CUDA_NCU_STEP")) ncu_step_ = std::atol(g);
+    if (const char* g = std::getenv("TM_CUDA_STEP_GPU"); g && std::string(g) == "1") {
+        sg_.on = true;
+        cudaEventCreate(&sg_.a);
+        cudaEventCreate(&sg_.b);
+    }
     on("TM_CUDA_SPLIT_ATTENTION", split_attention_);
     on("TM_CUDA_MMA_ATTENTION", mma_attention_);
     on("TM_CUDA_RING_DECODE", ring_decode_);
@@ -231,6 +250,7 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_FA_PREFILL", fa_prefill_);
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
+
     on("TM_CUDA_GEMM_TUNE", gemm_tune_);
     if (const char* g = std::getenv("TM_CUDA_GEMM_TUNE")) retune_ = std::string(g) == "retune";
     bool pdl = true;  // TM_CUDA_PDL=0: every kernel waits for the previous one to finish before it is scheduled
@@ -293,6 +313,12 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
 }
 
 CudaBackend::~CudaBackend() {
+    if (sg_.on && sg_.steps > 0)
+        std::fprintf(stderr,
+                     "tm cuda step gpu (TM_CUDA_STEP_GPU=1): %ld decode steps, ms per step: wall %.3f, gpu %.3f, "
+                     "host before launch %.3f, gpu idle %.3f\n",
+                     sg_.steps, sg_.wall_ms / double(sg_.steps), sg_.gpu_ms / double(sg_.steps),
+                     sg_.host_ms / double(sg_.steps), (sg_.wall_ms - sg_.gpu_ms) / double(sg_.steps));
     if (comm_) {
         try {
             wait("shutdown");
@@ -557,7 +583,20 @@ void CudaBackend::launch(const BatchPlan& plan) { enqueue(plan); }
 float* CudaBackend::collect() {
     if (!pending_.queued) throw Error("cuda backend: collect() without a launched step");
     pending_.queued = false;
+    if (sg_.on) cudaEventRecord(sg_.b, stream_);
     wait("forward");
+    if (sg_.on) {
+        const auto now = std::chrono::steady_clock::now();
+        if (pending_.decode && sg_.last.time_since_epoch().count() != 0) {
+            float ms = 0;
+            cudaEventElapsedTime(&ms, sg_.a, sg_.b);
+            sg_.steps += 1;
+            sg_.gpu_ms += ms;
+            sg_.wall_ms += std::chrono::duration<double, std::milli>(now - sg_.last).count();
+            sg_.host_ms += std::chrono::duration<double, std::milli>(sg_.enq - sg_.last).count();
+        }
+        sg_.last = now;
+    }
     prof_.end(pending_.decode, pending_.T);
     return pending_.out;
 }
@@ -660,7 +699,15 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
         cuda::plan_decode_items(single_.data(), lens_.data(), n_rows, cfg_.num_kv_heads, split_attention_,
                                 reinterpret_cast<int4*>(m + ml.items), reinterpret_cast<int2*>(m + ml.row_items));
     }
+    if (sg_.on) {
+        sg_.enq = std::chrono::steady_clock::now();
+        cudaEventRecord(sg_.a, stream_);
+    }
     check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
+    // TM_CUDA_NCU_STEP=N: the N-th decode step's kernels between
+    // cudaProfilerStart and Stop (ncu --profile-from-start off).
+    const bool ncu = decode && ncu_step_ >= 0 && steps_++ == ncu_step_;
+    if (ncu) cudaProfilerStart();
 
     if (use_graph) {
         cudaGraphExec_t& exec = graphs_[size_t(Tp)];
@@ -689,6 +736,7 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
         run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items, ml.row_items, ml.tiles,
             ml.blocks);
     }
+    if (ncu) cudaProfilerStop();
     if (L > 0 && plan.sample.size() == size_t(L) && !plan.greedy_only && samples_on_device()) {
         // Sampled rows: drawn here, only the token ids come back.
         for (int i = 0; i < L; ++i) {
