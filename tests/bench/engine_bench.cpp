@@ -3,7 +3,9 @@
 // next to two baselines measured in the same run: the naive reference
 // forward pass (one thread, fp32) and the memory-bandwidth bound of
 // batch-1 decode (weight bytes read per token / measured read bandwidth).
-// One JSON line per figure on stdout.
+// One JSON line per figure on stdout. On a GPU (scripts/bench-gpu.sh): the
+// engine's figures alone (TM_BENCH_ONLY picks some; TM_BENCH_DECODE=B,P,G
+// adds decode steps of one shape).
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -190,12 +192,14 @@ int main(int argc, char** argv) {
         // and G new tokens (a step shape of interest, for profiling).
         if (const char* d = std::getenv("TM_BENCH_DECODE")) {
             int b = 0, p = 0, g = 0;
-            if (std::sscanf(d, "%d,%d,%d", &b, &p, &g) == 3 && b > 0 && p > 0 && g > 0) {
-                const double r = decode_rate(*e, b, p, g);
-                line("decode_custom", r, "tok/s", ", \"batch\": " + std::to_string(b) + ", \"prompt\": " +
-                                                      std::to_string(p) + ", \"ms_per_step\": " +
-                                                      std::to_string(1e3 * b / r));
+            if (std::sscanf(d, "%d,%d,%d", &b, &p, &g) != 3 || b <= 0 || p <= 0 || g <= 0) {
+                std::fprintf(stderr, "engine_bench: TM_BENCH_DECODE must be B,P,G (positive integers)\n");
+                return 2;
             }
+            const double r = decode_rate(*e, b, p, g);
+            line("decode_custom", r, "tok/s", ", \"batch\": " + std::to_string(b) + ", \"prompt\": " +
+                                                  std::to_string(p) + ", \"ms_per_step\": " +
+                                                  std::to_string(1e3 * b / r));
         }
         if (want("decode_b16")) line("decode_b16", median3([&] { return decode_rate(*e, 16, 128, 128); }), "tok/s", "");
         if (want("offline")) {

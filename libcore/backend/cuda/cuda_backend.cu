@@ -250,7 +250,6 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     on("TM_CUDA_FA_PREFILL", fa_prefill_);
     on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
     on("TM_CUDA_GEMV", gemv_);
-
     on("TM_CUDA_GEMM_TUNE", gemm_tune_);
     if (const char* g = std::getenv("TM_CUDA_GEMM_TUNE")) retune_ = std::string(g) == "retune";
     bool pdl = true;  // TM_CUDA_PDL=0: every kernel waits for the previous one to finish before it is scheduled
@@ -319,6 +318,8 @@ CudaBackend::~CudaBackend() {
                      "host before launch %.3f, gpu idle %.3f\n",
                      sg_.steps, sg_.wall_ms / double(sg_.steps), sg_.gpu_ms / double(sg_.steps),
                      sg_.host_ms / double(sg_.steps), (sg_.wall_ms - sg_.gpu_ms) / double(sg_.steps));
+    for (auto e : {sg_.a, sg_.b})
+        if (e) cudaEventDestroy(e);
     if (comm_) {
         try {
             wait("shutdown");
