@@ -1034,7 +1034,7 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
     __shared__ float wm[W][kMaxGroup], wl[W][kMaxGroup];
     const int4 it = items[blockIdx.x];  // {row, piece, pieces of the row}; row -1: no work
     if (it.x < 0) {
-        pdl_begin();
+        pdl_begin();  // (every block waits: this grid's end implies the previous kernel's)
         return;
     }
     const int r = it.x, kh = blockIdx.y;
