@@ -18,7 +18,7 @@ inline void add_engine_options(cxxopts::Options& o) {
         ("cache-tokens", "KV cache size in tokens", cxxopts::value<int64_t>()->default_value("0"))
         ("cache-mib", "KV cache size in MiB (default: 1024 on the CPU, a share of free memory on a GPU)", cxxopts::value<int64_t>()->default_value("0"))
         ("max-batch-tokens", "tokens per step, decode and prefill chunks together (default 512 on the CPU, 4096 on a GPU)", cxxopts::value<int>()->default_value("0"))
-        ("max-batch-size", "sequences per step (default 256 on the CPU, 512 on a GPU)", cxxopts::value<int>()->default_value("0"))
+        ("max-batch-size", "sequences per step (default 256 on the CPU, 1024 on a GPU)", cxxopts::value<int>()->default_value("0"))
         ("tp", "tensor-parallel ranks (default: the workspace's; must match it)", cxxopts::value<int>()->default_value("0"))
         ("quant-policy", "KV cache: 0 (unquantized), 8 (int8), 4 (int4); default: config.ini's", cxxopts::value<int>()->default_value("-1"))
         ("chat-template", "built-in template name (llama2, llama3, chatml, internlm2, vicuna) or a template file",
