@@ -8,6 +8,12 @@ Steps are grouped by kind (decode only, or with prompt rows) and by the
 number of rows; for each group: steps, mean rows and sequences, mean
 milliseconds scheduling, in the backend's forward pass and after it
 (sampling, detokenizing, outputs), and the share of the run's time.
+
+Then the slow steps: those whose forward pass took at least 2 ms and 25%
+more than the median of the (up to) six nearest steps of their kind, with
+the time beyond that median. One-off costs paid in the middle of a run show
+there: a CUDA graph captured for a batch size met for the first time, a
+kernel's module loaded at its first launch.
 """
 import json
 import sys
@@ -46,6 +52,32 @@ def main():
         print(f"{kind:<7} {b:>6} {n:>6} {mean('rows'):>7.1f} {mean('seqs'):>6.1f} {ctx:>8.0f} "
               f"{mean('schedule_us') / 1e3:>8.2f} {mean('forward_us') / 1e3:>8.2f} {mean('after_us') / 1e3:>8.2f} "
               f"{share:>6.1%}")
+    slow = slow_steps(steps)
+    extra = sum(x for _, x, _ in slow)
+    print(f"slow steps: {len(slow)}, {extra / 1e3:.1f} ms beyond their neighbours "
+          f"({extra / total_us:.1%} of the time in steps)")
+    for s, x, med in sorted(slow, key=lambda v: -v[1])[:5]:
+        kind = "decode" if s["decode_seqs"] == s["seqs"] and s["rows"] == s["seqs"] else "mixed"
+        print(f"  step {s.get('step', '?')}: {kind}, {s['rows']} rows, {s['forward_us'] / 1e3:.1f} ms "
+              f"(neighbours {med / 1e3:.1f})")
+
+
+def slow_steps(steps):
+    """(step, microseconds beyond the neighbours' median, that median) of the
+    steps whose forward pass is well above that of their kind's neighbours."""
+    by_kind = defaultdict(list)
+    for s in steps:
+        by_kind[s["decode_seqs"] == s["seqs"] and s["rows"] == s["seqs"]].append(s)
+    out = []
+    for g in by_kind.values():
+        for i, s in enumerate(g):
+            near = sorted(t["forward_us"] for t in g[max(0, i - 3):i + 4] if t is not s)
+            if not near:
+                continue
+            med = near[len(near) // 2]
+            if s["forward_us"] >= med * 1.25 and s["forward_us"] - med >= 2000:
+                out.append((s, s["forward_us"] - med, med))
+    return out
 
 
 if __name__ == "__main__":

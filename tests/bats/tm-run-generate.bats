@@ -221,6 +221,7 @@ PY
     assert_success
     assert_output --partial "steps,"
     assert_output --partial "decode"
+    assert_output --partial "slow steps:"
     # Every line is JSON with the documented fields.
     run python3 -c "
 import json, sys
