@@ -1086,15 +1086,13 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
     const int seq = b.row_seq[r];
     for (int n = 0; n < 4 && j >= 0 && b.row_seq[j] == seq; ++n, --j) first_new = b.positions[j];
     const bool early = (j < 0 || b.row_seq[j] != seq) && begin + (RS - 1) * C <= first_new;
-    if (early) {
+    const auto stage_first = [&] {
 #pragma unroll
         for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
-    }
+    };
+    if (early) stage_first();
     pdl_begin();
-    if (!early) {
-#pragma unroll
-        for (int i = 0; i < RS - 1; ++i) stage(begin + i * C, i);
-    }
+    if (!early) stage_first();
     // Q as the A operand: row gq (head gq of the group), columns 2 tq, 2 tq + 1 and + 8.
     uint32_t qf[KS][4];
     {
