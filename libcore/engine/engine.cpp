@@ -631,6 +631,10 @@ bool Engine::Impl::evict_one_session() {
 }
 
 void Engine::Impl::preempt(std::unique_ptr<Req> r) {
+    if (!r->pending.empty()) {  // its text so far, not held back while it waits
+        decode_pending(*r);
+        emit(*r, false, FinishReason::None, {});
+    }
     bm->release_all(r->seq.blocks);
     r->seq.computed = 0;
     ++st.preemptions;

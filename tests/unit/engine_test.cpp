@@ -277,6 +277,42 @@ TEST(Engine, SmallPoolPreemptsAndStillMatchesSoloRuns) {
     for (auto& r : all) EXPECT_EQ(r.final.finish_reason == tmc::FinishReason::Error, false) << r.final.error;
 }
 
+// The same under preemption with an asynchronous backend (a preempted
+// request's undecoded tokens are sent as it leaves the batch): every request
+// streams the tokens and text of the synchronous engine.
+TEST(Engine, AsynchronousBackendUnderPreemptionSendsTheSameOutputs) {
+    auto o = cpu_opts();
+    o.cache_tokens = 256;
+    o.block_size = 16;
+    o.max_batch_tokens = 64;
+    auto batch = [](tmc::Engine& e) {
+        std::vector<tmc::Request> reqs;
+        for (int i = 0; i < 16; ++i)
+            reqs.push_back(greedy(e.tokenizer().encode("Item " + std::to_string(i) + " of the list is", true),
+                                  20 + i % 8));
+        auto out = run_all(e, reqs);
+        e.wait_idle();
+        return out;
+    };
+    auto sync = tmc::Engine::open(tinytech_ws(), o);
+    const auto want = batch(*sync);
+    sync.reset();
+    ::setenv("TM_CPU_ASYNC", "1", 1);
+    auto async = tmc::Engine::open(tinytech_ws(), o);
+    ::unsetenv("TM_CPU_ASYNC");
+    const auto got = batch(*async);
+    const auto st = async->stats();
+    EXPECT_GT(st.preemptions, 0u);
+    EXPECT_EQ(st.blocks_free, st.blocks_total);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+        SCOPED_TRACE("request " + std::to_string(i));
+        EXPECT_EQ(got[i].ids, want[i].ids);
+        EXPECT_EQ(got[i].text, want[i].text);
+        EXPECT_EQ(got[i].final.finish_reason, want[i].final.finish_reason);
+    }
+}
+
 TEST(Engine, IdleSessionsAreEvictedUnderPressure) {
     auto o = cpu_opts();
     o.cache_tokens = 256;
