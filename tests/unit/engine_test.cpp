@@ -104,6 +104,15 @@ tmc::EngineOptions cpu_opts() {
     return o;
 }
 
+// An engine whose CPU backend runs each step on a worker thread
+// (TM_CPU_ASYNC=1), as the CUDA backend does.
+std::unique_ptr<tmc::Engine> open_async(const tmc::EngineOptions& o) {
+    ::setenv("TM_CPU_ASYNC", "1", 1);
+    auto e = tmc::Engine::open(tinytech_ws(), o);
+    ::unsetenv("TM_CPU_ASYNC");
+    return e;
+}
+
 TEST(BlockManager, ReserveTruncateRefcounts) {
     tmc::BlockManager bm(4, 16);
     std::vector<int> a, b;
@@ -297,9 +306,7 @@ TEST(Engine, AsynchronousBackendUnderPreemptionSendsTheSameOutputs) {
     auto sync = tmc::Engine::open(tinytech_ws(), o);
     const auto want = batch(*sync);
     sync.reset();
-    ::setenv("TM_CPU_ASYNC", "1", 1);
-    auto async = tmc::Engine::open(tinytech_ws(), o);
-    ::unsetenv("TM_CPU_ASYNC");
+    auto async = open_async(o);
     const auto got = batch(*async);
     const auto st = async->stats();
     EXPECT_GT(st.preemptions, 0u);
@@ -397,9 +404,7 @@ TEST(Engine, AsynchronousBackendSendsTheSameOutputs) {
     auto sync = tmc::Engine::open(tinytech_ws(), cpu_opts());
     const auto want = batch(*sync);
     sync.reset();
-    ::setenv("TM_CPU_ASYNC", "1", 1);
-    auto async = tmc::Engine::open(tinytech_ws(), cpu_opts());
-    ::unsetenv("TM_CPU_ASYNC");
+    auto async = open_async(cpu_opts());
     const auto got = batch(*async);
     ASSERT_EQ(got.size(), want.size());
     for (size_t i = 0; i < want.size(); ++i) {
