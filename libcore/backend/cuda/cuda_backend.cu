@@ -141,6 +141,7 @@ private:
     bool retune_ = false;          // TM_CUDA_GEMM_TUNE=retune: time again, ignoring the cache
     std::unique_ptr<cuda::GemmTuner> tuner_;
     void tune_gemms();
+    void capture_decode_graphs();
     std::vector<cudaGraphExec_t> graphs_ = std::vector<cudaGraphExec_t>(kMaxGraphBatch + 1, nullptr);
 
     ModelConfig cfg_;
@@ -390,6 +391,7 @@ void CudaBackend::init(const BackendLimits& limits) {
     meta_.alloc(meta_cap_);
     check(cudaMallocHost(&h_meta_, meta_cap_ * 4), "cudaMallocHost");
     if (gemm_tune_) tune_gemms();
+    capture_decode_graphs();
 }
 
 // Each projection's matmul algorithm by number of rows (gemm_tuner.hpp),
@@ -517,6 +519,39 @@ long tp_timeout_seconds() {
 int graph_bucket(int T) {
     if (T <= 4) return T <= 1 ? 1 : T <= 2 ? 2 : 4;
     return (T + 7) / 8 * 8;
+}
+
+// Decode steps replay a captured CUDA graph per padded batch size
+// (graph_bucket). Capturing one takes milliseconds (its launches recorded,
+// the graph instantiated and uploaded), so with buckets every size up to
+// kMaxGraphBatch is captured here, before any request, by a step of rows like
+// the padding rows (each its own sequence at position 0 over the scratch
+// block; their outputs are ignored), as vLLM and LMDeploy capture theirs at
+// start-up. Without buckets (a graph for each size) graphs are captured as
+// sizes first occur.
+void CudaBackend::capture_decode_graphs() {
+    if (!graphs_enabled_ || !graph_buckets_) return;
+    const int scratch = lim_.num_blocks;
+    BatchPlan plan;
+    for (int T = 1; T <= kMaxGraphBatch && T <= lim_.max_batch_tokens && T <= lim_.max_logit_rows; ++T) {
+        if (graph_bucket(T) != T) continue;
+        plan.clear();
+        for (int r = 0; r < T; ++r) {
+            plan.tokens.push_back(0);
+            plan.positions.push_back(0);
+            plan.logit_rows.push_back(r);
+            BatchPlan::Seq q;
+            q.row_begin = r, q.n_rows = 1, q.ctx_len = 1, q.blocks = &scratch, q.n_blocks = 1;
+            plan.seqs.push_back(q);
+        }
+        plan.greedy_only = true;
+        enqueue(plan);
+        collect();
+    }
+    const cudaEvent_t a = sg_.a, b = sg_.b;  // TM_CUDA_STEP_GPU counts requests' steps only
+    sg_ = StepGpu{};
+    sg_.on = a != nullptr, sg_.a = a, sg_.b = b;
+    steps_ = 0;  // and TM_CUDA_NCU_STEP
 }
 
 // The end of a step's work on stream_. A tensor-parallel rank polls, so
