@@ -102,12 +102,13 @@ struct BatchDev {
     const int* blocks;        // concatenated block tables
 };
 
-// For each row of qkv (fp32, [T, (nq + 2 nkv) * hd], leading dimension ld):
-// adds the bias, applies q/k RMSNorm (Qwen3), rotates q and k (RoPE, rotate
-// half, inv_freq [hd/2]), writes K and V into the cache at the row's
-// position; q is left rotated in place.
+// For each row of qkv (16-bit, [T, (nq + 2 nkv) * hd], leading dimension
+// ld): adds the bias, applies q/k RMSNorm (Qwen3), rotates q and k (RoPE,
+// rotate half, inv_freq [hd/2]) in fp32, writes K and V into the cache at the
+// row's position; q is left rotated in place (rounded to 16 bits, as the
+// attention kernels use it).
 struct QkvArgs {
-    float* qkv;
+    void* qkv;
     int ld;
     int T, nq, nkv, hd;
     const void* bias;    // [(nq + 2 nkv) * hd] or null
@@ -120,10 +121,10 @@ struct QkvArgs {
 void qkv_rope_cache(Dt dt, const QkvArgs& a, const BatchDev& b, const KvLayout& kv, cudaStream_t s);
 
 // Attention of each row's q heads over its sequence's cached positions
-// [max(0, pos + 1 - window), pos] (window 0: all). q: fp32 rows of ld floats
-// (heads first); out: 16-bit [T, nq * hd].
+// [max(0, pos + 1 - window), pos] (window 0: all). q: 16-bit rows of ld
+// elements (heads first); out: 16-bit [T, nq * hd].
 struct AttnArgs {
-    const float* q;
+    const void* q;
     int ld;
     int T, nq, nkv, hd;
     int window;

@@ -86,8 +86,8 @@ __global__ void paged_attention_k(AttnArgs a, BatchDev b, KvLayout kv, const int
     const ItemKeys ik = item_keys(a, b, it);
     const int* table = ik.table;
     const int nsplit = it.z, begin = ik.begin, end = ik.end;
-    const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * hd;
-    for (int i = threadIdx.x; i < group * hd; i += kThreads) q[i / hd][i % hd] = qr[i];
+    const T* qr = static_cast<const T*>(a.q) + size_t(r) * a.ld + size_t(kh) * group * hd;
+    for (int i = threadIdx.x; i < group * hd; i += kThreads) q[i / hd][i % hd] = to_f(qr[i]);
     // Running max and sum per head, kept by warp (g % nwarps), lane 0.
     float m_run[kMaxGroup / 4 + 1], l_run[kMaxGroup / 4 + 1];
     for (int k = 0; k < kMaxGroup / 4 + 1; ++k) m_run[k] = -FLT_MAX, l_run[k] = 0;
@@ -241,13 +241,13 @@ __global__ void __launch_bounds__(kThreads, 1) paged_decode_k(AttnArgs a, BatchD
     const int part = tid % TPK, kq = tid / TPK;
     float q[G][8];
     {
-        const float* qr = a.q + size_t(r) * a.ld + size_t(kh) * group * HD + part * 8;
+        const T* qr = static_cast<const T*>(a.q) + size_t(r) * a.ld + size_t(kh) * group * HD + part * 8;
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-            const float4 x0 = g < group ? *reinterpret_cast<const float4*>(qr + g * HD) : make_float4(0, 0, 0, 0);
-            const float4 x1 = g < group ? *reinterpret_cast<const float4*>(qr + g * HD + 4) : make_float4(0, 0, 0, 0);
-            q[g][0] = x0.x * a.scale, q[g][1] = x0.y * a.scale, q[g][2] = x0.z * a.scale, q[g][3] = x0.w * a.scale;
-            q[g][4] = x1.x * a.scale, q[g][5] = x1.y * a.scale, q[g][6] = x1.z * a.scale, q[g][7] = x1.w * a.scale;
+            const uint4 x = g < group ? *reinterpret_cast<const uint4*>(qr + g * HD) : make_uint4(0, 0, 0, 0);
+            const T* e = reinterpret_cast<const T*>(&x);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) q[g][i] = to_f(e[i]) * a.scale;
         }
     }
     // Softmax state: warp w keeps heads w and w + 4.
@@ -511,7 +511,7 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_tiled_k(AttnArgs
     const int tid = threadIdx.x, my = tid >> 2, sub = tid & 3;
     for (int i = tid; i < nqv * HD; i += kTileThreads) {
         const int qv = i / HD, c = i % HD, r = qv / group, g = qv % group;
-        qs[qv * QS + c] = a.q[size_t(tile.x + r) * a.ld + size_t(kh * group + g) * HD + c];
+        qs[qv * QS + c] = to_f(static_cast<const T*>(a.q)[size_t(tile.x + r) * a.ld + size_t(kh * group + g) * HD + c]);
     }
     const auto [active, my_row, my_pos, my_lo, lo, hi, table] = tile_view(a, b, tile, my, nqv, group);
     const T* cache = static_cast<const T*>(kv.base);
@@ -645,9 +645,9 @@ __global__ void __launch_bounds__(kTileThreads) paged_attention_mma_k(AttnArgs a
     const int tid = threadIdx.x, my = tid >> 2, sub = tid & 3, warp = tid >> 5;
     for (int i = tid; i < kTileQ * HD; i += kTileThreads) {
         const int qv = i / HD, c = i % HD;
-        float v = 0;
-        if (qv < nqv) v = a.q[size_t(tile.x + qv / group) * a.ld + size_t(kh * group + qv % group) * HD + c];
-        Qs[qv * QL + c] = from_f<T>(v);
+        T v = from_f<T>(0.0f);
+        if (qv < nqv) v = static_cast<const T*>(a.q)[size_t(tile.x + qv / group) * a.ld + size_t(kh * group + qv % group) * HD + c];
+        Qs[qv * QL + c] = v;
         Os[qv * OL + c] = 0;
     }
     const auto [active, my_row, my_pos, my_lo, lo, hi, table] = tile_view(a, b, tile, my, nqv, group);
@@ -838,11 +838,9 @@ __global__ void __launch_bounds__(kFaThreads, kFaBlocksPerSm) paged_attention_fa
     for (int i = tid; i < kTileQ * V8; i += kFaThreads) {
         const int qv = i / V8, c = (i % V8) * 8;
         uint4 w = make_uint4(0, 0, 0, 0);
-        if (qv < nqv) {
-            const float* src = a.q + size_t(tile.x + qv / group) * a.ld + size_t(kh * group + qv % group) * HD + c;
-            const float4 x0 = *reinterpret_cast<const float4*>(src), x1 = *reinterpret_cast<const float4*>(src + 4);
-            w = make_uint4(pack2<T>(x0.x, x0.y), pack2<T>(x0.z, x0.w), pack2<T>(x1.x, x1.y), pack2<T>(x1.z, x1.w));
-        }
+        if (qv < nqv)
+            w = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q) + size_t(tile.x + qv / group) * a.ld +
+                                                size_t(kh * group + qv % group) * HD + c);
         *reinterpret_cast<uint4*>(Qs + qv * L + c) = w;
     }
     // This thread's two query vectors: rows lane / 4 and lane / 4 + 8 of its warp's 16.
@@ -1096,15 +1094,15 @@ __global__ void __launch_bounds__(32 * NW) paged_decode_mma_k(AttnArgs a, BatchD
     // Q as the A operand: row gq (head gq of the group), columns 2 tq, 2 tq + 1 and + 8.
     uint32_t qf[KS][4];
     {
-        const float* qr = a.q + size_t(r) * a.ld + size_t(kh * group + gq) * HD + 2 * tq;
+        const T* qr = static_cast<const T*>(a.q) + size_t(r) * a.ld + size_t(kh * group + gq) * HD + 2 * tq;
 #pragma unroll
         for (int k = 0; k < KS; ++k) {
-            float2 x0 = make_float2(0, 0), x1 = make_float2(0, 0);
+            uint32_t x0 = 0, x1 = 0;
             if (gq < group) {
-                x0 = *reinterpret_cast<const float2*>(qr + 16 * k);
-                x1 = *reinterpret_cast<const float2*>(qr + 16 * k + 8);
+                x0 = *reinterpret_cast<const uint32_t*>(qr + 16 * k);
+                x1 = *reinterpret_cast<const uint32_t*>(qr + 16 * k + 8);
             }
-            qf[k][0] = pack2<T>(x0.x, x0.y), qf[k][1] = 0, qf[k][2] = pack2<T>(x1.x, x1.y), qf[k][3] = 0;
+            qf[k][0] = x0, qf[k][1] = 0, qf[k][2] = x1, qf[k][3] = 0;
         }
     }
     float o[NO][4];

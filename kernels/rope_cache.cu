@@ -2,8 +2,8 @@
 // q and k, and K/V written into the paged cache as 16-bit. A block per row
 // (a few per row when rows are few, each taking every few-th head), one warp
 // per head at a time; the row's rotation angles, the same for every head,
-// are taken once per block. Reads the row once (4 bytes per element), writes
-// q back (4 bytes) and K/V (2 bytes): memory-bound, a small share of a step.
+// are taken once per block. Reads the row once, writes q back and K/V (2
+// bytes an element each): memory-bound, a small share of a step.
 #include <algorithm>
 
 #include "kernels/common.cuh"
@@ -59,7 +59,7 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     const int seq = b.row_seq[r];
     const int block = b.blocks[b.block_offset[seq] + pos / kv.block_size];
     const int slot = pos % kv.block_size;
-    float* row = a.qkv + size_t(r) * a.ld;
+    T* row = static_cast<T*>(a.qkv) + size_t(r) * a.ld;
     const T* bias = static_cast<const T*>(a.bias);
     float* sm = buf[warp];
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -69,9 +69,9 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
     }
     __syncthreads();
     for (int h = blockIdx.y * kWarps + warp; h < a.nq + 2 * a.nkv; h += kWarps * gridDim.y) {
-        float* x = row + size_t(h) * hd;
+        T* x = row + size_t(h) * hd;
         const bool is_q = h < a.nq, is_k = !is_q && h < a.nq + a.nkv;
-        for (int i = lane; i < hd; i += 32) sm[i] = x[i] + (bias ? to_f(bias[size_t(h) * hd + i]) : 0.0f);
+        for (int i = lane; i < hd; i += 32) sm[i] = to_f(x[i]) + (bias ? to_f(bias[size_t(h) * hd + i]) : 0.0f);
         __syncwarp();
         if (!is_q && !is_k) {  // V: straight into the cache
             if constexpr (B == 16) {
@@ -99,8 +99,8 @@ __global__ void qkv_rope_cache_k(QkvArgs a, BatchDev b, KvLayout kv) {
             const float x0 = sm[i], x1 = sm[i + half];
             const float y0 = x0 * c - x1 * s, y1 = x1 * c + x0 * s;
             if (is_q) {
-                x[i] = y0;
-                x[i + half] = y1;
+                x[i] = from_f<T>(y0);
+                x[i + half] = from_f<T>(y1);
             } else if (B == 16) {
                 dst[i] = from_f<T>(y0);
                 dst[i + half] = from_f<T>(y1);

@@ -99,8 +99,8 @@ void decode_batches(const std::vector<Batch>& batches, int layers, int layer, si
             kv_bytes += double(ctx) * nkv * hd * 2 * 2;
         }
         int *dpos = upload(positions), *dseq = upload(row_seq), *doff = upload(block_offset), *dblk = upload(blocks);
-        std::vector<float> qh(size_t(bt.rows) * qkv_ld, 0.01f);
-        float* dq = upload(qh);
+        std::vector<uint16_t> qh(size_t(bt.rows) * qkv_ld, 0x3c23);  // bf16 0.00995
+        uint16_t* dq = upload(qh);
         void* out = nullptr;
         check(cudaMalloc(&out, size_t(bt.rows) * nq * hd * 2), "cudaMalloc out");
         const tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};
@@ -240,8 +240,8 @@ int main(int argc, char** argv) {
         }
         int *dpos = upload(positions), *dseq = upload(row_seq), *doff = upload(block_offset), *dblk = upload(blocks),
             *dtiles = upload(tiles);
-        std::vector<float> qh(size_t(T) * qkv_ld, 0.01f);
-        float* dq = upload(qh);
+        std::vector<uint16_t> qh(size_t(T) * qkv_ld, 0x3c23);  // bf16 0.00995
+        uint16_t* dq = upload(qh);
         void* out = nullptr;
         check(cudaMalloc(&out, size_t(T) * nq * hd * 2), "cudaMalloc out");
         const tmc::cuda::BatchDev bd{dpos, dseq, doff, dblk};

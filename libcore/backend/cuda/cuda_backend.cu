@@ -181,8 +181,8 @@ private:
     cuda::StepProfile prof_;  // TM_CUDA_PROFILE=1
     DevBuf<uint16_t> kv_;
     cuda::KvLayout kvl_;
-    DevBuf<float> x_, qkv_, logits_, attn_split_;
-    DevBuf<uint16_t> h_, attn_, gu_, act_, hn_;
+    DevBuf<float> x_, logits_, attn_split_;
+    DevBuf<uint16_t> h_, qkv_, attn_, gu_, act_, hn_;
     DevBuf<int> meta_;
     DevBuf<char> blas_ws_;
     int* h_meta_ = nullptr;  // pinned
@@ -466,7 +466,7 @@ void CudaBackend::tune_gemms() {
                              w0.cols, p.rows, tuner_->timed(id) ? "timed" : "cached", p.heuristic, p.us_pick,
                              p.us_default);
     };
-    tune(&Layer::wqkv, h_.p, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f, T, nullptr);
+    tune(&Layer::wqkv, h_.p, qkv_.p, cdt_, qkv_ld, 0.0f, T, nullptr);
     tune(&Layer::wo, attn_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
     tune(&Layer::w13, h_.p, gu_.p, cdt_, 2 * I, 0.0f, T, nullptr);
     tune(&Layer::w2, act_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
@@ -858,7 +858,7 @@ void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_po
             launched("rmsnorm");
             prof_.mark(prof_.kNorm);
         }
-        gemm(Ly.wqkv, h_.p, T, qkv_.p, CUDA_R_32F, qkv_ld, 0.0f);
+        gemm(Ly.wqkv, h_.p, T, qkv_.p, cdt_, qkv_ld, 0.0f);
         prof_.mark(prof_.kGemm);
         cuda::QkvArgs qa{qkv_.p, qkv_ld, T, nq, nkv, hd, Ly.bqkv.ptr, Ly.q_norm.ptr, Ly.k_norm.ptr, eps, inv_freq_.p, l};
         cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
