@@ -64,6 +64,17 @@ std::vector<Result> run_all(tmc::Engine& e, std::vector<tmc::Request> reqs) {
     return out;
 }
 
+// The same tokens, text and finish reason, request by request.
+void expect_same_results(const std::vector<Result>& got, const std::vector<Result>& want) {
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+        SCOPED_TRACE("request " + std::to_string(i));
+        EXPECT_EQ(got[i].ids, want[i].ids);
+        EXPECT_EQ(got[i].text, want[i].text);
+        EXPECT_EQ(got[i].final.finish_reason, want[i].final.finish_reason);
+    }
+}
+
 tmc::Request greedy(std::vector<int> prompt, int max_tokens) {
     tmc::Request r;
     r.prompt = std::move(prompt);
@@ -311,13 +322,7 @@ TEST(Engine, AsynchronousBackendUnderPreemptionSendsTheSameOutputs) {
     const auto st = async->stats();
     EXPECT_GT(st.preemptions, 0u);
     EXPECT_EQ(st.blocks_free, st.blocks_total);
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t i = 0; i < want.size(); ++i) {
-        SCOPED_TRACE("request " + std::to_string(i));
-        EXPECT_EQ(got[i].ids, want[i].ids);
-        EXPECT_EQ(got[i].text, want[i].text);
-        EXPECT_EQ(got[i].final.finish_reason, want[i].final.finish_reason);
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_same_results(got, want));  // stops here if the counts differ
 }
 
 TEST(Engine, IdleSessionsAreEvictedUnderPressure) {
@@ -406,12 +411,9 @@ TEST(Engine, AsynchronousBackendSendsTheSameOutputs) {
     sync.reset();
     auto async = open_async(cpu_opts());
     const auto got = batch(*async);
-    ASSERT_EQ(got.size(), want.size());
+    ASSERT_NO_FATAL_FAILURE(expect_same_results(got, want));  // stops here if the counts differ
     for (size_t i = 0; i < want.size(); ++i) {
         SCOPED_TRACE("request " + std::to_string(i));
-        EXPECT_EQ(got[i].ids, want[i].ids);
-        EXPECT_EQ(got[i].text, want[i].text);
-        EXPECT_EQ(got[i].final.finish_reason, want[i].final.finish_reason);
         EXPECT_EQ(got[i].final.usage.completion_tokens, want[i].final.usage.completion_tokens);
         EXPECT_FALSE(got[i].text.empty());
     }

@@ -548,10 +548,8 @@ void CudaBackend::capture_decode_graphs() {
         enqueue(plan);
         collect();
     }
-    const cudaEvent_t a = sg_.a, b = sg_.b;  // TM_CUDA_STEP_GPU counts requests' steps only
-    sg_ = StepGpu{};
-    sg_.on = a != nullptr, sg_.a = a, sg_.b = b;
-    steps_ = 0;  // and TM_CUDA_NCU_STEP
+    sg_ = StepGpu{.on = sg_.on, .a = sg_.a, .b = sg_.b};  // TM_CUDA_STEP_GPU counts requests' steps only
+    steps_ = 0;                                           // and TM_CUDA_NCU_STEP
 }
 
 // The end of a step's work on stream_. A tensor-parallel rank polls, so
