@@ -137,15 +137,6 @@ __global__ void argmax_rows_k(const float* x, int V, int* out, float* vals) {
     }
 }
 
-// TM_CUDA_VECTOR_ELEMENTWISE=0: RMSNorm and SiLU-mul by the scalar kernels.
-bool vectorized() {
-    static const bool on = [] {
-        const char* g = std::getenv("TM_CUDA_VECTOR_ELEMENTWISE");
-        return !(g && std::string(g) == "0");
-    }();
-    return on;
-}
-
 std::atomic<bool> g_programmatic{true};  // set_programmatic_launch
 
 }  // namespace
@@ -166,14 +157,14 @@ void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x
 }
 
 void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps,
-             void* out, cudaStream_t s) {
+             void* out, cudaStream_t s, bool vectorized) {
     if (R == 0) return;
     // One block per row, wide enough that a single row is not latency-bound.
     const int threads = H >= 4096 ? 1024 : H >= 1024 ? 512 : 256;
     const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(w) % 8 == 0 &&
                          reinterpret_cast<uintptr_t>(out) % 8 == 0;
-    if (vectorized() && aligned && H % 4 == 0) {
+    if (vectorized && aligned && H % 4 == 0) {
         // kNormVec float4 a thread (H = 4096: 256 threads), in whole warps.
         const int per = (H / 4 + kNormVec - 1) / kNormVec;
         const int t = std::max(32, (per + 31) / 32 * 32);
@@ -189,9 +180,9 @@ void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w
                           static_cast<W*>(out)));
 }
 
-void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s) {
+void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s, bool vectorized) {
     if (T == 0) return;
-    if (vectorized() && I % 8 == 0 && reinterpret_cast<uintptr_t>(gu) % 16 == 0 &&
+    if (vectorized && I % 8 == 0 && reinterpret_cast<uintptr_t>(gu) % 16 == 0 &&
         reinterpret_cast<uintptr_t>(out) % 16 == 0) {
         const size_t n8 = size_t(T) * size_t(I / 8);
         const int blocks = int(std::min<size_t>((n8 + 255) / 256, size_t(132) * 16));

@@ -27,8 +27,9 @@ void set_programmatic_launch(bool on);
 void embedding(Dt dt, const void* emb, const int* tokens, int T, int H, float* x, cudaStream_t s);
 
 // out[r, :] = x[rows ? rows[r] : r, :] / rms * w, for r < R (out 16-bit).
+// vectorized = false: the scalar kernel (TM_CUDA_VECTOR_ELEMENTWISE=0).
 void rmsnorm(Dt dt, const float* x, const int* rows, int R, int H, const void* w, float eps, void* out,
-             cudaStream_t s);
+             cudaStream_t s, bool vectorized = true);
 
 // out[r] = the index of the largest of x[r, 0..V) (the first of equal
 // maxima), and vals[r] that largest value when vals is not null.
@@ -55,7 +56,7 @@ bool gemv(Dt dt, const void* W, int N, int K, const void* X, int ldx, int R, voi
           cudaStream_t s);
 
 // out[t, i] = silu(gu[t, i]) * gu[t, I + i] (16-bit in and out).
-void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s);
+void silu_mul(Dt dt, const void* gu, int T, int I, void* out, cudaStream_t s, bool vectorized = true);
 
 // The paged KV cache. 16-bit (bits = 16): block b holds, for each layer, K
 // then V, each [kv_heads][block_size][head_dim] in the model's dtype.

@@ -8,10 +8,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <functional>
 #include <vector>
 
+#include "backend/cuda/switches.hpp"
 #include "tm/model_config.hpp"
 
 namespace tmc {
@@ -124,8 +126,11 @@ struct ForwardObserver {
 
 class Communicator;
 class HostBarrier;
+class ModelProgram;  // backend/model_program.hpp
 
 struct CpuBackendOptions {
+    // The model recipe to run (model_program(ws), model/decoder.hpp); required.
+    std::shared_ptr<const ModelProgram> program;
     int threads = 0;   // 0: all cores
     int kv_quant = 0;  // quant_policy: 0 (fp32 cache), 8 (int8) or 4 (int4)
     // Static scales, [layers][4][kv_heads] (K scale, K offset, V scale, V
@@ -155,6 +160,7 @@ std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, RankFa
 std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelConfig& m, int tp, int rank);
 
 struct CudaBackendOptions {
+    std::shared_ptr<const ModelProgram> program;  // as CpuBackendOptions::program; required
     int device = 0;
     int kv_quant = 0;              // quant_policy: 0 (16-bit cache), 8 or 4
     std::vector<float> kv_params;  // static scales as CpuBackendOptions::kv_params; empty: per token
@@ -165,6 +171,8 @@ struct CudaBackendOptions {
     // The ranks' threads meet here around each collective of a step run
     // kernel by kernel (see CudaBackend::sync_ranks).
     std::shared_ptr<HostBarrier> barrier;
+    // The fast paths and profiling switches; empty: CudaSwitches::from_env().
+    std::optional<cuda::CudaSwitches> switches;
 };
 
 // Throws tmc::Error when this build has no CUDA or the device/cuBLAS is unusable.

@@ -3,6 +3,7 @@
 // (decode tokens of running sequences first, then prompt chunks under the
 // token budget: dynamic split-fuse), runs the backend, samples, checks stop
 // conditions and emits outputs.
+#include "model/decoder.hpp"
 #include "tm/engine.hpp"
 
 #include <algorithm>
@@ -18,7 +19,7 @@
 #include <unordered_map>
 
 #include "backend/backend.hpp"
-#include "backend/cpu/thread_pool.hpp"
+#include "base/thread_pool.hpp"
 #include "base/mapped_file.hpp"
 #include "engine/block_manager.hpp"
 #include "engine/sampler.hpp"
@@ -125,7 +126,7 @@ struct Engine::Impl {
     // Sampling (temperature, top-k/p, penalties) runs on the host: one
     // sampler per pool thread, the rows of a step split between them.
     std::vector<std::unique_ptr<Sampler>> samplers;
-    std::unique_ptr<cpu::ThreadPool> sample_pool;
+    std::unique_ptr<ThreadPool> sample_pool;
     std::vector<int> picks;
     std::vector<TokenLogprob> pick_lp;
     std::vector<int> sample_jobs;
@@ -292,6 +293,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     if (gpu) {
         try {
             CudaBackendOptions cbo;
+            cbo.program = model_program(*im->ws);
             cbo.kv_quant = kv_quant;
             cbo.kv_params = kv_params;
             im->backend = make_cuda_tp_backend(*im->ws, cbo);
@@ -303,6 +305,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
     }
     if (!im->backend) {
         CpuBackendOptions co;
+        co.program = model_program(*im->ws);
         co.threads = opt.threads;
         co.kv_quant = kv_quant;
         co.kv_params = std::move(kv_params);
@@ -353,7 +356,7 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         const int hw = int(std::thread::hardware_concurrency());
         int n = std::clamp(hw / 2, 1, 8);
         if (const char* t = std::getenv("TM_SAMPLE_THREADS")) n = std::clamp(std::atoi(t), 1, 64);
-        im->sample_pool = std::make_unique<cpu::ThreadPool>(n);
+        im->sample_pool = std::make_unique<ThreadPool>(n);
         for (int i = 0; i < im->sample_pool->size(); ++i)
             im->samplers.push_back(std::make_unique<Sampler>(im->cfg.vocab_size));
         im->lp_rows.resize(size_t(im->sample_pool->size()));

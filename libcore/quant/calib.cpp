@@ -2,6 +2,7 @@
 // per layer, K/V (after RoPE, as cached) min/max/absmax per (head, channel)
 // and, for the input of each linear layer, per-channel max/min/mean/absmax/
 // absmean; samples run one after another, each as one sequence.
+#include "model/decoder.hpp"
 #include "tm/calib.hpp"
 
 #include <simdjson.h>
@@ -224,6 +225,7 @@ CalibStats calibrate(const std::string& workspace, const std::string& dataset, c
     const int n = opt.samples;
     Collector col(c);
     CpuBackendOptions bo;
+    bo.program = model_program(ws);
     bo.threads = opt.threads;
     bo.observer = &col;
     auto be = make_cpu_tp_backend(ws, bo);  // a --tp N workspace: its ranks as threads

@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "model/decoder.hpp"
 #include "backend/cpu/reference_model.hpp"
 #include "tm/engine.hpp"
 #include "tm/workspace.hpp"
@@ -218,7 +219,7 @@ int main(int argc, char** argv) {
     const double bound = bw / weight_bytes;
 
     // The naive reference: one thread, one token at a time.
-    tmc::ReferenceModel ref(ws);
+    tmc::ReferenceModel ref(ws, tmc::model_program(ws));
     auto cache = ref.new_cache();
     ref.forward(prompt_of(16, 0), cache);
     auto t = Clock::now();

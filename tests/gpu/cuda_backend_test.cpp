@@ -13,6 +13,7 @@
 #include <cstring>
 #include <random>
 
+#include "model/decoder.hpp"
 #include "../unit/sampling_reference.hpp"
 #include "backend/backend.hpp"
 #include "backend/cpu/kernels.hpp"
@@ -542,6 +543,7 @@ void compare_forward(const char* m, int kv_quant, bool static_scales, float tol,
     tmc::Workspace ws(dir + "/ws");
     tmc::CpuBackendOptions cpo;
     tmc::CudaBackendOptions gpo;
+    cpo.program = gpo.program = tmc::model_program(ws);
     cpo.kv_quant = gpo.kv_quant = kv_quant;
     if (static_scales) {
         // Any scales will do: both backends must compute the same codes.
@@ -676,8 +678,11 @@ TEST(CudaBackend, TensorParallelMatchesOneRank) {
         tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws1", c1);
         tmc::convert_hf_model(shared_dir() + "/models/" + m, dir + "/ws2", c2);
         tmc::Workspace ws1(dir + "/ws1"), ws2(dir + "/ws2");
-        auto one = tmc::make_cuda_tp_backend(ws1, {});
-        auto two = tmc::make_cuda_tp_backend(ws2, {});
+        tmc::CudaBackendOptions o1, o2;
+        o1.program = tmc::model_program(ws1);
+        o2.program = tmc::model_program(ws2);
+        auto one = tmc::make_cuda_tp_backend(ws1, o1);
+        auto two = tmc::make_cuda_tp_backend(ws2, o2);
         tmc::BackendLimits lim;
         lim.num_blocks = 64, lim.block_size = 16, lim.max_batch_tokens = 256,
         lim.max_logit_rows = 256, lim.max_context = 512;
@@ -748,8 +753,11 @@ TEST(CudaBackend, TensorParallelLargeModelTeacherForced) {
     ASSERT_EQ(cudaSuccess, cudaGetDeviceCount(&n));
     if (!w1 || !w2 || n < 2) GTEST_SKIP() << "set TM_TP_WS1 and TM_TP_WS2 (two GPUs)";
     tmc::Workspace ws1(w1), ws2(w2);
-    auto one = tmc::make_cuda_tp_backend(ws1, {});
-    auto two = tmc::make_cuda_tp_backend(ws2, {});
+    tmc::CudaBackendOptions o1, o2;
+    o1.program = tmc::model_program(ws1);
+    o2.program = tmc::model_program(ws2);
+    auto one = tmc::make_cuda_tp_backend(ws1, o1);
+    auto two = tmc::make_cuda_tp_backend(ws2, o2);
     tmc::BackendLimits lim;
     lim.num_blocks = 64, lim.block_size = 16, lim.max_batch_tokens = 256, lim.max_logit_rows = 256,
     lim.max_context = 256;

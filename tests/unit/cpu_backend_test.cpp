@@ -6,6 +6,7 @@
 #include <cstring>
 #include <random>
 
+#include "model/decoder.hpp"
 #include "backend/backend.hpp"
 #include "backend/cpu/kernels.hpp"
 #include "backend/cpu/reference_model.hpp"
@@ -23,7 +24,11 @@ struct Fixture {
         tmc::ConvertOptions opt;
         tmc::convert_hf_model(tmtest::shared_dir() + "/models/" + model, d / "ws", opt);
         ws = std::make_unique<tmc::Workspace>(d / "ws");
-        be = tmc::make_cpu_backend(*ws, {threads, kv_quant});
+        tmc::CpuBackendOptions o;
+        o.program = tmc::model_program(*ws);
+        o.threads = threads;
+        o.kv_quant = kv_quant;
+        be = tmc::make_cpu_backend(*ws, o);
         tmc::BackendLimits lim;
         lim.num_blocks = 64;
         lim.block_size = 4;  // small blocks: sequences span several
@@ -66,7 +71,7 @@ std::vector<std::vector<float>> run(tmc::Backend& be, const std::vector<std::vec
 TEST(CpuBackend, MatchesReferenceOnEveryArchitecture) {
     for (const char* m : {"tinytech-25m", "random-qwen2", "random-qwen3", "random-mistral"}) {
         Fixture f(m);
-        tmc::ReferenceModel ref(*f.ws);
+        tmc::ReferenceModel ref(*f.ws, tmc::model_program(*f.ws));
         std::vector<int> toks = {1, 415, 2936, 9060, 285, 1142, 28705, 754, 12, 99, 1000, 7};
         for (auto& t : toks) t %= f.be->config().vocab_size;
         auto cache = ref.new_cache();

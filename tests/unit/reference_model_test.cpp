@@ -1,5 +1,6 @@
 // The reference forward pass against Hugging Face's logits (fp32) along the
 // golden greedy paths: random Qwen2/Qwen3/Mistral models and tinytech.
+#include "model/decoder.hpp"
 #include "backend/cpu/reference_model.hpp"
 
 #include <simdjson.h>
@@ -17,7 +18,7 @@ void check_golden(const std::string& model, const std::string& golden, size_t ma
     tmc::ConvertOptions opt;
     tmc::convert_hf_model(tmtest::shared_dir() + "/models/" + model, d / "ws", opt);
     tmc::Workspace ws(d / "ws");
-    tmc::ReferenceModel ref(ws);
+    tmc::ReferenceModel ref(ws, tmc::model_program(ws));
     simdjson::dom::parser parser;
     auto text = tmc::read_file(golden);
     size_t prompts = 0, checked = 0;

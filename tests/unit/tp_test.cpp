@@ -7,6 +7,7 @@
 #include <random>
 #include <thread>
 
+#include "model/decoder.hpp"
 #include "backend/backend.hpp"
 #include "backend/comm.hpp"
 #include "test_util.hpp"
@@ -29,6 +30,7 @@ struct Ws {
 
 std::unique_ptr<tmc::Backend> backend(const tmc::Workspace& ws) {
     tmc::CpuBackendOptions o;
+    o.program = tmc::model_program(ws);
     o.threads = 2;
     auto be = tmc::make_cpu_tp_backend(ws, o);
     tmc::BackendLimits lim;
@@ -198,6 +200,7 @@ TEST(TensorParallel, AFailingRankEndsTheGroupInsteadOfHanging) {
     r1.fail = true;
     r0.other = &r1;
     tmc::CpuBackendOptions o;
+    o.program = tmc::model_program(*w.ws);
     o.threads = 2;
     o.observer = &r0;
     setenv("TM_TP_TRACE", "1", 1);  // the failing rank says so on standard error

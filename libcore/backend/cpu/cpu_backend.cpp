@@ -1,8 +1,8 @@
-// The CPU backend: the model's forward pass over a BatchPlan, multi-threaded
-// (ThreadPool) and vectorized (kernels.inc), weights read in place from the
-// workspace's mapped files (bf16 or fp16), arithmetic and the KV cache in
-// fp32. Every op computes each row independently of the others, so results
-// do not depend on the batch.
+// The CPU backend: the ops of a model program (backend/model_program.hpp)
+// over a BatchPlan, multi-threaded (ThreadPool) and vectorized (kernels.inc),
+// weights read in place from the workspace's mapped files (bf16 or fp16),
+// arithmetic and the KV cache in fp32. Every op computes each row
+// independently of the others, so results do not depend on the batch.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,10 +11,8 @@
 #include "backend/backend.hpp"
 #include "backend/comm.hpp"
 #include "backend/cpu/kernels.hpp"
-#include "backend/cpu/thread_pool.hpp"
-#include "model/weight_names.hpp"
-#include "model/rope.hpp"
-#include "model/tp_split.hpp"
+#include "backend/model_program.hpp"
+#include "base/thread_pool.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
 
@@ -23,7 +21,6 @@ namespace tmc {
 namespace {
 
 using cpu::Kernels;
-using cpu::ThreadPool;
 
 struct Weight {
     const uint16_t* data = nullptr;  // row-major, in the mapped workspace file
@@ -31,7 +28,7 @@ struct Weight {
     std::shared_ptr<uint16_t[]> packed;  // linear layers: 16-row panels (cpu::pack_weights)
 };
 
-class CpuBackend final : public Backend {
+class CpuBackend final : public Backend, private ForwardOps {
 public:
     CpuBackend(const Workspace& ws, const CpuBackendOptions& opt);
     std::string name() const override {
@@ -59,18 +56,21 @@ public:
     size_t default_kv_bytes(double, int) const override { return size_t(1) << 30; }
 
 private:
-    struct Layer {
-        Weight attn_norm, wqkv, q_norm, k_norm, wo, ffn_norm, w13, w2;
-        std::vector<float> bqkv;
-    };
+    // ForwardOps, over the rows of plan_.
+    void embed(WeightId table) override;
+    void rmsnorm(WeightId w) override;
+    void linear(WeightId w, Buf in, Buf out) override;
+    void add_linear(WeightId w, Buf in) override;
+    void qkv_rope_cache(const QkvEpilogue& e) override;
+    void attention(int layer) override;
+    void silu_mul() override;
+    void logits(WeightId final_norm, WeightId output) override;
+    void observe(int layer, ForwardObserver::Point p) override;
 
-    Weight weight(const Workspace& ws, const std::string& name, int rows, int cols);
-    Weight linear(const Workspace& ws, const std::string& name, int rows, int cols);
+    float* buf(Buf b);
     void gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate);
-    void add_projection(const Weight& w, const float* in, size_t ld_in, int T);
     template <class F>
     void rows(int T, F&& f);  // f(row) in parallel over rows
-    void attention_layer(const BatchPlan& plan, int layer, int T);
 
     bool async_ = false;
     std::future<float*> step_;  // async_: the step launch() started
@@ -78,9 +78,11 @@ private:
     const Kernels& k_;
     ThreadPool pool_;
     int wtype_ = cpu::kWeightBF16;
-    Weight emb_, final_norm_, output_;
-    std::vector<Layer> layers_;
-    std::vector<float> inv_freq_;
+    std::shared_ptr<const ModelProgram> program_;
+    std::vector<Weight> w_;                     // by WeightId
+    std::vector<std::vector<float>> biases_;    // by WeightId: biases in fp32
+    const BatchPlan* plan_ = nullptr;           // the step being run
+    int T_ = 0;                                 // its rows
 
     BackendLimits lim_;
     // A block holds, per layer, K as [kv_heads * head_dim][block_size] and
@@ -110,38 +112,22 @@ private:
     int last_logit_rows_ = 0;
 };
 
-Weight CpuBackend::weight(const Workspace& ws, const std::string& name, int rows, int cols) {
-    WeightView v = ws.tensor(rank_, name);
-    const int64_t want = int64_t(rows) * cols;
-    if (v.numel() != want || (v.dtype != DType::BF16 && v.dtype != DType::F16) || v.dtype != cfg_.weight_dtype)
-        throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
-    return Weight{static_cast<const uint16_t*>(v.data), rows, cols, nullptr};
-}
-
-// Linear layers are repacked once at load (same 16-bit values, another
-// order) so the GEMM streams each panel contiguously.
-Weight CpuBackend::linear(const Workspace& ws, const std::string& name, int rows, int cols) {
-    Weight w = weight(ws, name, rows, cols);
-    w.packed.reset(new uint16_t[cpu::packed_size(rows, cols)]);
-    cpu::pack_weights(w.data, rows, cols, w.packed.get());
-    return w;
-}
-
 CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
-    : cfg_(ws.model()),
-      k_(cpu::cpu_kernels()),
+    : k_(cpu::cpu_kernels()),
       pool_(opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()))) {
+    if (!opt.program) throw Error("cpu backend: no model program");
+    program_ = opt.program;
     async_ = opt.async && !opt.comm;
     const int tp = opt.comm ? opt.comm->size() : 1;
     if (ws.tp() != tp)
         throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) + "; this backend runs " +
                     std::to_string(tp) + " rank" + (tp > 1 ? "s" : "") + " (convert again, or run with --tp " +
                     std::to_string(ws.tp()) + ")");
+    if (program_->tp() != tp) throw Error("cpu backend: the model program is for another tensor-parallel degree");
     comm_ = opt.comm;
     rank_ = comm_ ? comm_->rank() : 0;
-    const RankShape shape = rank_shape(cfg_, tp);  // this rank's heads, KV heads, MLP columns
-    cfg_ = shape.cfg;
-    out_rows_ = shape.out_rows;
+    cfg_ = program_->config();  // this rank's heads, KV heads, MLP columns
+    out_rows_ = program_->output_rows();
     if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
         throw Error(ws.dir() + ": the CPU backend reads bf16 or fp16 weights");
     if (cfg_.num_heads % cfg_.num_kv_heads != 0 || cfg_.num_heads / cfg_.num_kv_heads > 64)
@@ -154,32 +140,25 @@ CpuBackend::CpuBackend(const Workspace& ws, const CpuBackendOptions& opt)
     kv_params_ = opt.kv_params;
     if (!kv_params_.empty() && kv_params_.size() != size_t(cfg_.num_layers) * 4 * cfg_.num_kv_heads)
         throw Error(ws.dir() + ": the static KV scales do not match the model");
-    const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
-    const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
-    emb_ = weight(ws, wname::kEmbedding, V, H);
-    final_norm_ = weight(ws, wname::kFinalNorm, 1, H);
-    output_ = linear(ws, cfg_.tie_word_embeddings ? wname::kEmbedding : wname::kOutput, out_rows_, H);
-    for (int l = 0; l < cfg_.num_layers; ++l) {
-        Layer L;
-        L.attn_norm = weight(ws, wname::layer(l, wname::kAttnNorm), 1, H);
-        L.wqkv = linear(ws, wname::layer(l, wname::kWqkv), qkv, H);
-        if (cfg_.attn_bias) {
-            WeightView b = ws.tensor(rank_, wname::layer(l, wname::kBqkv));
-            if (b.numel() != qkv) throw Error(ws.dir() + ": qkv bias of layer " + std::to_string(l) + " has the wrong size");
-            L.bqkv.resize(size_t(qkv));
-            convert_floats(b.dtype, b.data, DType::F32, L.bqkv.data(), size_t(qkv));
+    // Weights are read in place; linear layers are repacked once (same
+    // 16-bit values, another order) so the GEMM streams each panel
+    // contiguously, and biases are kept in fp32.
+    const auto& specs = program_->weights();
+    w_.resize(specs.size());
+    biases_.resize(specs.size());
+    for (size_t i = 0; i < specs.size(); ++i) {
+        const WeightSpec& sp = specs[i];
+        WeightView v = checked_weight(ws, rank_, sp, cfg_.weight_dtype);
+        Weight& w = w_[i];
+        w = Weight{static_cast<const uint16_t*>(v.data), sp.rows, sp.cols, nullptr};
+        if (sp.kind == WeightSpec::Linear) {
+            w.packed.reset(new uint16_t[cpu::packed_size(sp.rows, sp.cols)]);
+            cpu::pack_weights(w.data, sp.rows, sp.cols, w.packed.get());
+        } else if (sp.kind == WeightSpec::Bias) {
+            biases_[i].resize(size_t(sp.cols));
+            convert_floats(v.dtype, v.data, DType::F32, biases_[i].data(), size_t(sp.cols));
         }
-        if (cfg_.qk_norm) {
-            L.q_norm = weight(ws, wname::layer(l, wname::kQNorm), 1, hd);
-            L.k_norm = weight(ws, wname::layer(l, wname::kKNorm), 1, hd);
-        }
-        L.wo = linear(ws, wname::layer(l, wname::kWo), H, cfg_.q_size());
-        L.ffn_norm = weight(ws, wname::layer(l, wname::kFfnNorm), 1, H);
-        L.w13 = linear(ws, wname::layer(l, wname::kW13), 2 * I, H);
-        L.w2 = linear(ws, wname::layer(l, wname::kW2), H, I);
-        layers_.push_back(std::move(L));
     }
-    inv_freq_ = rope_inv_freq(cfg_);
 }
 
 void CpuBackend::init(const BackendLimits& limits) {
@@ -204,12 +183,13 @@ void CpuBackend::init(const BackendLimits& limits) {
     // Not zeroed: the OS commits pages as blocks are first written.
     kv_bytes_.reset(new uint8_t[size_t(lim_.num_blocks) * block_bytes_ + 64]);
     kv_ = reinterpret_cast<float*>(kv_bytes_.get());
-    const size_t half = inv_freq_.size();
+    const std::vector<float>& inv_freq = program_->rope_inv_freq();
+    const size_t half = inv_freq.size();
     rope_cos_.resize(size_t(lim_.max_context) * half);
     rope_sin_.resize(size_t(lim_.max_context) * half);
     for (int p = 0; p < lim_.max_context; ++p)
         for (size_t i = 0; i < half; ++i) {
-            float a = float(p) * inv_freq_[i];
+            float a = float(p) * inv_freq[i];
             rope_cos_[size_t(p) * half + i] = std::cos(a);
             rope_sin_[size_t(p) * half + i] = std::sin(a);
         }
@@ -228,21 +208,77 @@ void CpuBackend::init(const BackendLimits& limits) {
     row_seq_.resize(T);
 }
 
+float* CpuBackend::buf(Buf b) {
+    switch (b) {
+        case Buf::Normed: return h_.data();
+        case Buf::Qkv: return qkv_.data();
+        case Buf::Attn: return attn_.data();
+        case Buf::GateUp: return gu_.data();
+        case Buf::Act: return act_.data();
+    }
+    throw Error("cpu backend: unknown buffer");
+}
+
+void CpuBackend::embed(WeightId table) {
+    const size_t H = size_t(cfg_.hidden_size);
+    const Weight& e = w_[size_t(table)];
+    rows(T_, [&](int r) {
+        const int tok = plan_->tokens[size_t(r)];
+        convert_floats(cfg_.weight_dtype, e.data + size_t(tok) * H, DType::F32, x_.data() + size_t(r) * H, H);
+    });
+}
+
+void CpuBackend::rmsnorm(WeightId w) {
+    const size_t H = size_t(cfg_.hidden_size);
+    const float eps = float(cfg_.rms_norm_eps);
+    const uint16_t* g = w_[size_t(w)].data;
+    rows(T_, [&](int r) { k_.rmsnorm(x_.data() + size_t(r) * H, g, wtype_, int(H), eps, h_.data() + size_t(r) * H); });
+}
+
+void CpuBackend::linear(WeightId w, Buf in, Buf out) {
+    const Weight& W = w_[size_t(w)];
+    gemm(W, buf(in), size_t(W.cols), T_, buf(out), size_t(W.rows), false);
+}
+
 // x += in · wᵀ; with tensor parallelism the ranks' partial products are
 // summed first (each rank holds some input columns of w).
-void CpuBackend::add_projection(const Weight& w, const float* in, size_t ld_in, int T) {
+void CpuBackend::add_linear(WeightId w, Buf in) {
+    const Weight& W = w_[size_t(w)];
     const size_t H = size_t(cfg_.hidden_size);
     if (!comm_) {
-        gemm(w, in, ld_in, T, x_.data(), H, true);
+        gemm(W, buf(in), size_t(W.cols), T_, x_.data(), H, true);
         return;
     }
-    gemm(w, in, ld_in, T, part_.data(), H, false);
-    comm_->all_reduce_sum(part_.data(), size_t(T) * H);
-    rows(T, [&](int r) {
+    gemm(W, buf(in), size_t(W.cols), T_, part_.data(), H, false);
+    comm_->all_reduce_sum(part_.data(), size_t(T_) * H);
+    rows(T_, [&](int r) {
         float* x = x_.data() + size_t(r) * H;
         const float* p = part_.data() + size_t(r) * H;
         for (size_t i = 0; i < H; ++i) x[i] += p[i];
     });
+}
+
+void CpuBackend::silu_mul() {
+    const size_t I = size_t(cfg_.intermediate_size);
+    rows(T_, [&](int r) {
+        const float* g = gu_.data() + size_t(r) * 2 * I;
+        k_.silu_mul(g, g + I, act_.data() + size_t(r) * I, int(I));
+    });
+}
+
+void CpuBackend::observe(int layer, ForwardObserver::Point p) {
+    if (!obs_) return;
+    const size_t H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size);
+    const size_t qs = size_t(cfg_.q_size()), kvs = size_t(cfg_.kv_size()), qkv_ld = qs + 2 * kvs;
+    using P = ForwardObserver;
+    switch (p) {
+        case P::AttnIn:
+        case P::FfnIn: obs_->observe(layer, p, h_.data(), T_, H, int(H)); break;
+        case P::K: obs_->observe(layer, p, qkv_.data() + qs, T_, qkv_ld, int(kvs)); break;
+        case P::V: obs_->observe(layer, p, qkv_.data() + qs + kvs, T_, qkv_ld, int(kvs)); break;
+        case P::WoIn: obs_->observe(layer, p, attn_.data(), T_, qs, int(qs)); break;
+        case P::W2In: obs_->observe(layer, p, act_.data(), T_, I, int(I)); break;
+    }
 }
 
 void CpuBackend::gemm(const Weight& w, const float* x, size_t ldx, int T, float* y, size_t ldy, bool accumulate) {
@@ -324,7 +360,9 @@ void CpuBackend::write_quantized(const float* k, const float* v, int block, int 
     }
 }
 
-void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
+void CpuBackend::attention(int layer) {
+    const BatchPlan& plan = *plan_;
+    const int T = T_;
     const int hd = cfg_.head_dim, nkv = cfg_.num_kv_heads, group = cfg_.num_heads / nkv;
     const size_t kvs = size_t(cfg_.kv_size()), qkv_ld = size_t(cfg_.q_size()) + 2 * kvs;
     const size_t layer_off = size_t(layer) * 2 * size_t(lim_.block_size) * kvs;
@@ -376,6 +414,66 @@ void CpuBackend::attention_layer(const BatchPlan& plan, int layer, int T) {
     });
 }
 
+// Bias, q/k norm, RoPE; K and V into the paged cache.
+void CpuBackend::qkv_rope_cache(const QkvEpilogue& e) {
+    const size_t hd = size_t(cfg_.head_dim), nq = size_t(cfg_.num_heads), nkv = size_t(cfg_.num_kv_heads);
+    const size_t qs = nq * hd, kvs = nkv * hd, qkv_ld = qs + 2 * kvs, half = hd / 2;
+    const float eps = float(cfg_.rms_norm_eps);
+    const size_t bs = size_t(lim_.block_size);
+    const size_t layer_off = size_t(e.layer) * 2 * bs * kvs;
+    const std::vector<float>* bias = e.bias == kNoWeight ? nullptr : &biases_[size_t(e.bias)];
+    const uint16_t* qn = e.q_norm == kNoWeight ? nullptr : w_[size_t(e.q_norm)].data;
+    const uint16_t* kn = e.k_norm == kNoWeight ? nullptr : w_[size_t(e.k_norm)].data;
+    rows(T_, [&](int r) {
+        float* q = qkv_.data() + size_t(r) * qkv_ld;
+        float* k = q + qs;
+        float* v = k + kvs;
+        if (bias)
+            for (size_t i = 0; i < qkv_ld; ++i) q[i] += (*bias)[i];
+        if (qn)
+            for (size_t hh = 0; hh < nq; ++hh) k_.rmsnorm(q + hh * hd, qn, wtype_, int(hd), eps, q + hh * hd);
+        if (kn)
+            for (size_t hh = 0; hh < nkv; ++hh) k_.rmsnorm(k + hh * hd, kn, wtype_, int(hd), eps, k + hh * hd);
+        const int pos = plan_->positions[size_t(r)];
+        const float* c = rope_cos_.data() + size_t(pos) * half;
+        const float* s = rope_sin_.data() + size_t(pos) * half;
+        auto rope = [&](float* x) {
+            for (size_t i = 0; i < half; ++i) {
+                float x0 = x[i], x1 = x[i + half];
+                x[i] = x0 * c[i] - x1 * s[i];
+                x[i + half] = x1 * c[i] + x0 * s[i];
+            }
+        };
+        for (size_t hh = 0; hh < nq; ++hh) rope(q + hh * hd);
+        for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd);
+        const BatchPlan::Seq& sq = plan_->seqs[size_t(row_seq_[size_t(r)])];
+        const int block = sq.blocks[size_t(pos) / bs];
+        if (kvq_) {
+            write_quantized(k, v, block, int(size_t(pos) % bs), e.layer);
+            return;
+        }
+        float* slot = kv_ + size_t(block) * block_stride_ + layer_off + (size_t(pos) % bs) * kvs;
+        // K transposed within the block ([channel][slot]), V as rows.
+        float* kt = kv_ + size_t(block) * block_stride_ + layer_off + size_t(pos) % bs;
+        for (size_t i = 0; i < kvs; ++i) kt[i * bs] = k[i];
+        std::memcpy(slot + bs * kvs, v, kvs * 4);
+    });
+}
+
+void CpuBackend::logits(WeightId final_norm, WeightId output) {
+    const int L = int(plan_->logit_rows.size());
+    last_logit_rows_ = L;
+    if (L == 0) return;
+    const size_t H = size_t(cfg_.hidden_size);
+    const float eps = float(cfg_.rms_norm_eps);
+    const uint16_t* g = w_[size_t(final_norm)].data;
+    rows(L, [&](int i) {
+        k_.rmsnorm(x_.data() + size_t(plan_->logit_rows[size_t(i)]) * H, g, wtype_, int(H), eps,
+                   hn_.data() + size_t(i) * H);
+    });
+    gemm(w_[size_t(output)], hn_.data(), H, L, logits_.data(), size_t(out_rows_), false);
+}
+
 float* CpuBackend::forward(const BatchPlan& plan) {
     const int T = int(plan.tokens.size());
     const int L = int(plan.logit_rows.size());
@@ -383,89 +481,10 @@ float* CpuBackend::forward(const BatchPlan& plan) {
         throw Error("cpu backend: batch plan outside the limits it was initialized with");
     for (size_t s = 0; s < plan.seqs.size(); ++s)
         for (int r = 0; r < plan.seqs[s].n_rows; ++r) row_seq_[size_t(plan.seqs[s].row_begin + r)] = int(s);
-
-    const size_t H = size_t(cfg_.hidden_size), I = size_t(cfg_.intermediate_size), hd = size_t(cfg_.head_dim);
-    const size_t nq = size_t(cfg_.num_heads), nkv = size_t(cfg_.num_kv_heads), qs = nq * hd, kvs = nkv * hd;
-    const size_t qkv_ld = qs + 2 * kvs, half = hd / 2;
-    const float eps = float(cfg_.rms_norm_eps);
-    const size_t bs = size_t(lim_.block_size);
-
-    rows(T, [&](int r) {
-        const int tok = plan.tokens[size_t(r)];
-        const uint16_t* e = emb_.data + size_t(tok) * H;
-        convert_floats(cfg_.weight_dtype, e, DType::F32, x_.data() + size_t(r) * H, H);
-    });
-    for (size_t l = 0; l < layers_.size(); ++l) {
-        const Layer& Ly = layers_[l];
-        rows(T, [&](int r) {
-            k_.rmsnorm(x_.data() + size_t(r) * H, Ly.attn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
-        });
-        if (obs_) obs_->observe(int(l), ForwardObserver::AttnIn, h_.data(), T, H, int(H));
-        gemm(Ly.wqkv, h_.data(), H, T, qkv_.data(), qkv_ld, false);
-        // Bias, q/k norm, RoPE; K and V into the paged cache.
-        const size_t layer_off = l * 2 * bs * kvs;
-        rows(T, [&](int r) {
-            float* q = qkv_.data() + size_t(r) * qkv_ld;
-            float* k = q + qs;
-            float* v = k + kvs;
-            if (!Ly.bqkv.empty())
-                for (size_t i = 0; i < qkv_ld; ++i) q[i] += Ly.bqkv[i];
-            if (cfg_.qk_norm) {
-                for (size_t hh = 0; hh < nq; ++hh) k_.rmsnorm(q + hh * hd, Ly.q_norm.data, wtype_, int(hd), eps, q + hh * hd);
-                for (size_t hh = 0; hh < nkv; ++hh) k_.rmsnorm(k + hh * hd, Ly.k_norm.data, wtype_, int(hd), eps, k + hh * hd);
-            }
-            const int pos = plan.positions[size_t(r)];
-            const float* c = rope_cos_.data() + size_t(pos) * half;
-            const float* s = rope_sin_.data() + size_t(pos) * half;
-            auto rope = [&](float* x) {
-                for (size_t i = 0; i < half; ++i) {
-                    float x0 = x[i], x1 = x[i + half];
-                    x[i] = x0 * c[i] - x1 * s[i];
-                    x[i + half] = x1 * c[i] + x0 * s[i];
-                }
-            };
-            for (size_t hh = 0; hh < nq; ++hh) rope(q + hh * hd);
-            for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd);
-            const BatchPlan::Seq& sq = plan.seqs[size_t(row_seq_[size_t(r)])];
-            if (kvq_) {
-                write_quantized(k, v, sq.blocks[size_t(pos) / bs], int(size_t(pos) % bs), int(l));
-                return;
-            }
-            float* slot = kv_ + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + (size_t(pos) % bs) * kvs;
-            // K transposed within the block ([channel][slot]), V as rows.
-            float* kt = kv_ + size_t(sq.blocks[size_t(pos) / bs]) * block_stride_ + layer_off + size_t(pos) % bs;
-            for (size_t i = 0; i < kvs; ++i) kt[i * bs] = k[i];
-            std::memcpy(slot + bs * kvs, v, kvs * 4);
-        });
-        if (obs_) {
-            obs_->observe(int(l), ForwardObserver::K, qkv_.data() + qs, T, qkv_ld, int(kvs));
-            obs_->observe(int(l), ForwardObserver::V, qkv_.data() + qs + kvs, T, qkv_ld, int(kvs));
-        }
-        attention_layer(plan, int(l), T);
-        if (obs_) obs_->observe(int(l), ForwardObserver::WoIn, attn_.data(), T, qs, int(qs));
-        add_projection(Ly.wo, attn_.data(), qs, T);
-        rows(T, [&](int r) {
-            k_.rmsnorm(x_.data() + size_t(r) * H, Ly.ffn_norm.data, wtype_, int(H), eps, h_.data() + size_t(r) * H);
-        });
-        if (obs_) obs_->observe(int(l), ForwardObserver::FfnIn, h_.data(), T, H, int(H));
-        gemm(Ly.w13, h_.data(), H, T, gu_.data(), 2 * I, false);
-        rows(T, [&](int r) {
-            const float* g = gu_.data() + size_t(r) * 2 * I;
-            k_.silu_mul(g, g + I, act_.data() + size_t(r) * I, int(I));
-        });
-        if (obs_) obs_->observe(int(l), ForwardObserver::W2In, act_.data(), T, I, int(I));
-        add_projection(Ly.w2, act_.data(), I, T);
-    }
-    if (L == 0) {
-        last_logit_rows_ = 0;
-        return logits_.data();
-    }
-    rows(L, [&](int i) {
-        k_.rmsnorm(x_.data() + size_t(plan.logit_rows[size_t(i)]) * H, final_norm_.data, wtype_, int(H), eps,
-                   hn_.data() + size_t(i) * H);
-    });
-    gemm(output_, hn_.data(), H, L, logits_.data(), size_t(out_rows_), false);
-    last_logit_rows_ = L;
+    plan_ = &plan;
+    T_ = T;
+    program_->forward(*this);
+    plan_ = nullptr;
     return logits_.data();
 }
 

@@ -1,9 +1,8 @@
 #include "backend/cpu/reference_model.hpp"
 
+#include <algorithm>
 #include <cmath>
 
-#include "model/rope.hpp"
-#include "model/weight_names.hpp"
 #include "tm/error.hpp"
 
 namespace tmc {
@@ -50,110 +49,131 @@ void rope(float* v, const std::vector<float>& inv_freq, int pos) {
     }
 }
 
+// The ops for one token at position `pos`, each a plain loop.
+struct TokenOps final : ForwardOps {
+    const ModelConfig& cfg;
+    const std::vector<WeightView>& w;
+    const std::vector<float>& inv_freq;
+    ReferenceModel::Cache& cache;
+    int token = 0, pos = 0;
+    bool want_logits = false;
+    size_t H, hd, nq, nkv, qs, kvs, I;
+    std::vector<float> x, h, qkv, attn, gu, act, tmp, scores, logits_out;
+
+    TokenOps(const ModelConfig& c, const std::vector<WeightView>& weights, const std::vector<float>& inv,
+             ReferenceModel::Cache& kv)
+        : cfg(c), w(weights), inv_freq(inv), cache(kv) {
+        H = size_t(cfg.hidden_size), hd = size_t(cfg.head_dim), nq = size_t(cfg.num_heads);
+        nkv = size_t(cfg.num_kv_heads), qs = nq * hd, kvs = nkv * hd, I = size_t(cfg.intermediate_size);
+        x.resize(H), h.resize(H), qkv.resize(qs + 2 * kvs), attn.resize(qs), gu.resize(2 * I), act.resize(I);
+        tmp.resize(H);
+    }
+    float* buf(Buf b) {
+        switch (b) {
+            case Buf::Normed: return h.data();
+            case Buf::Qkv: return qkv.data();
+            case Buf::Attn: return attn.data();
+            case Buf::GateUp: return gu.data();
+            case Buf::Act: return act.data();
+        }
+        return nullptr;
+    }
+    void embed(WeightId table) override {
+        for (size_t i = 0; i < H; ++i) x[i] = load(w[size_t(table)], size_t(token) * H + i);
+    }
+    void rmsnorm(WeightId g) override { tmc::rmsnorm(x.data(), w[size_t(g)], H, cfg.rms_norm_eps, h.data()); }
+    void linear(WeightId m, Buf in, Buf out) override { matvec(w[size_t(m)], buf(in), buf(out)); }
+    void add_linear(WeightId m, Buf in) override {
+        matvec(w[size_t(m)], buf(in), tmp.data());
+        for (size_t i = 0; i < H; ++i) x[i] += tmp[i];
+    }
+    void qkv_rope_cache(const QkvEpilogue& e) override {
+        if (e.bias != kNoWeight)
+            for (size_t i = 0; i < qkv.size(); ++i) qkv[i] += load(w[size_t(e.bias)], i);
+        float* q = qkv.data();
+        float* k = q + qs;
+        float* v = k + kvs;
+        if (e.q_norm != kNoWeight)
+            for (size_t hh = 0; hh < nq; ++hh) tmc::rmsnorm(q + hh * hd, w[size_t(e.q_norm)], hd, cfg.rms_norm_eps, q + hh * hd);
+        if (e.k_norm != kNoWeight)
+            for (size_t hh = 0; hh < nkv; ++hh) tmc::rmsnorm(k + hh * hd, w[size_t(e.k_norm)], hd, cfg.rms_norm_eps, k + hh * hd);
+        for (size_t hh = 0; hh < nq; ++hh) rope(q + hh * hd, inv_freq, pos);
+        for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd, inv_freq, pos);
+        auto& K = cache.k[size_t(e.layer)];
+        auto& V = cache.v[size_t(e.layer)];
+        K.insert(K.end(), k, k + kvs);
+        V.insert(V.end(), v, v + kvs);
+    }
+    void attention(int layer) override {
+        const auto& K = cache.k[size_t(layer)];
+        const auto& V = cache.v[size_t(layer)];
+        const float* q = qkv.data();
+        const size_t n = size_t(pos) + 1, group = nq / nkv;
+        scores.resize(n);
+        const float scale = 1.0f / std::sqrt(float(hd));
+        for (size_t hh = 0; hh < nq; ++hh) {
+            const size_t kh = hh / group;
+            float mx = -INFINITY;
+            for (size_t j = 0; j < n; ++j) {
+                const float* kj = &K[j * kvs + kh * hd];
+                float s = 0;
+                for (size_t i = 0; i < hd; ++i) s += q[hh * hd + i] * kj[i];
+                scores[j] = s * scale;
+                mx = std::max(mx, scores[j]);
+            }
+            float sum = 0;
+            for (size_t j = 0; j < n; ++j) sum += scores[j] = std::exp(scores[j] - mx);
+            float* o = &attn[hh * hd];
+            std::fill(o, o + hd, 0.0f);
+            for (size_t j = 0; j < n; ++j) {
+                const float* vj = &V[j * kvs + kh * hd];
+                const float p = scores[j] / sum;
+                for (size_t i = 0; i < hd; ++i) o[i] += p * vj[i];
+            }
+        }
+    }
+    void silu_mul() override {
+        for (size_t i = 0; i < I; ++i) {
+            float g = gu[i];
+            act[i] = g / (1.0f + std::exp(-g)) * gu[I + i];
+        }
+    }
+    void logits(WeightId final_norm, WeightId output) override {
+        if (!want_logits) return;
+        tmc::rmsnorm(x.data(), w[size_t(final_norm)], H, cfg.rms_norm_eps, h.data());
+        logits_out.resize(size_t(cfg.vocab_size));
+        matvec(w[size_t(output)], h.data(), logits_out.data());
+    }
+};
+
 }  // namespace
 
-ReferenceModel::ReferenceModel(const Workspace& ws) : cfg_(ws.model()) {
-    if (ws.tp() != 1) throw Error(ws.dir() + ": the reference model runs tp=1 workspaces");
-    emb_ = ws.tensor(0, wname::kEmbedding);
-    final_norm_ = ws.tensor(0, wname::kFinalNorm);
-    output_ = cfg_.tie_word_embeddings ? emb_ : ws.tensor(0, wname::kOutput);
-    for (int l = 0; l < cfg_.num_layers; ++l) {
-        Layer L;
-        L.attn_norm = ws.tensor(0, wname::layer(l, wname::kAttnNorm));
-        L.wqkv = ws.tensor(0, wname::layer(l, wname::kWqkv));
-        if (cfg_.attn_bias) L.bqkv = ws.tensor(0, wname::layer(l, wname::kBqkv));
-        if (cfg_.qk_norm) {
-            L.q_norm = ws.tensor(0, wname::layer(l, wname::kQNorm));
-            L.k_norm = ws.tensor(0, wname::layer(l, wname::kKNorm));
-        }
-        L.wo = ws.tensor(0, wname::layer(l, wname::kWo));
-        L.ffn_norm = ws.tensor(0, wname::layer(l, wname::kFfnNorm));
-        L.w13 = ws.tensor(0, wname::layer(l, wname::kW13));
-        L.w2 = ws.tensor(0, wname::layer(l, wname::kW2));
-        layers_.push_back(L);
-    }
-    inv_freq_ = rope_inv_freq(cfg_);
+ReferenceModel::ReferenceModel(const Workspace& ws, std::shared_ptr<const ModelProgram> program)
+    : program_(std::move(program)) {
+    if (ws.tp() != 1 || program_->tp() != 1) throw Error(ws.dir() + ": the reference model runs tp=1 workspaces");
+    for (const WeightSpec& sp : program_->weights()) w_.push_back(checked_weight(ws, 0, sp, ws.model().weight_dtype));
 }
 
 ReferenceModel::Cache ReferenceModel::new_cache() const {
     Cache c;
-    c.k.resize(size_t(cfg_.num_layers));
-    c.v.resize(size_t(cfg_.num_layers));
+    c.k.resize(size_t(config().num_layers));
+    c.v.resize(size_t(config().num_layers));
     return c;
 }
 
 std::vector<float> ReferenceModel::forward(const std::vector<int>& tokens, Cache& cache) const {
-    const size_t H = size_t(cfg_.hidden_size), hd = size_t(cfg_.head_dim);
-    const size_t nq = size_t(cfg_.num_heads), nkv = size_t(cfg_.num_kv_heads), group = nq / nkv;
-    const size_t qs = nq * hd, kvs = nkv * hd, I = size_t(cfg_.intermediate_size);
-    std::vector<float> x(H), h(H), qkv(qs + 2 * kvs), attn(qs), tmp(H), gu(2 * I), act(I), scores;
-    std::vector<float> logits;
+    const ModelConfig& cfg = config();
+    TokenOps ops(cfg, w_, program_->rope_inv_freq(), cache);
     for (size_t t = 0; t < tokens.size(); ++t) {
         const int tok = tokens[t];
-        if (tok < 0 || tok >= cfg_.vocab_size) throw Error("token id " + std::to_string(tok) + " out of range");
-        const int pos = cache.len;
-        for (size_t i = 0; i < H; ++i) x[i] = load(emb_, size_t(tok) * H + i);
-        for (size_t l = 0; l < layers_.size(); ++l) {
-            const Layer& L = layers_[l];
-            rmsnorm(x.data(), L.attn_norm, H, cfg_.rms_norm_eps, h.data());
-            matvec(L.wqkv, h.data(), qkv.data());
-            if (cfg_.attn_bias)
-                for (size_t i = 0; i < qkv.size(); ++i) qkv[i] += load(L.bqkv, i);
-            float* q = qkv.data();
-            float* k = q + qs;
-            float* v = k + kvs;
-            if (cfg_.qk_norm) {
-                for (size_t hh = 0; hh < nq; ++hh) rmsnorm(q + hh * hd, L.q_norm, hd, cfg_.rms_norm_eps, q + hh * hd);
-                for (size_t hh = 0; hh < nkv; ++hh) rmsnorm(k + hh * hd, L.k_norm, hd, cfg_.rms_norm_eps, k + hh * hd);
-            }
-            for (size_t hh = 0; hh < nq; ++hh) rope(q + hh * hd, inv_freq_, pos);
-            for (size_t hh = 0; hh < nkv; ++hh) rope(k + hh * hd, inv_freq_, pos);
-            auto& K = cache.k[l];
-            auto& V = cache.v[l];
-            K.insert(K.end(), k, k + kvs);
-            V.insert(V.end(), v, v + kvs);
-            const size_t n = size_t(pos) + 1;
-            scores.resize(n);
-            const float scale = 1.0f / std::sqrt(float(hd));
-            for (size_t hh = 0; hh < nq; ++hh) {
-                const size_t kh = hh / group;
-                float mx = -INFINITY;
-                for (size_t j = 0; j < n; ++j) {
-                    const float* kj = &K[j * kvs + kh * hd];
-                    float s = 0;
-                    for (size_t i = 0; i < hd; ++i) s += q[hh * hd + i] * kj[i];
-                    scores[j] = s * scale;
-                    mx = std::max(mx, scores[j]);
-                }
-                float sum = 0;
-                for (size_t j = 0; j < n; ++j) sum += scores[j] = std::exp(scores[j] - mx);
-                float* o = &attn[hh * hd];
-                std::fill(o, o + hd, 0.0f);
-                for (size_t j = 0; j < n; ++j) {
-                    const float* vj = &V[j * kvs + kh * hd];
-                    const float p = scores[j] / sum;
-                    for (size_t i = 0; i < hd; ++i) o[i] += p * vj[i];
-                }
-            }
-            matvec(L.wo, attn.data(), tmp.data());
-            for (size_t i = 0; i < H; ++i) x[i] += tmp[i];
-            rmsnorm(x.data(), L.ffn_norm, H, cfg_.rms_norm_eps, h.data());
-            matvec(L.w13, h.data(), gu.data());
-            for (size_t i = 0; i < I; ++i) {
-                float g = gu[i];
-                act[i] = g / (1.0f + std::exp(-g)) * gu[I + i];
-            }
-            matvec(L.w2, act.data(), tmp.data());
-            for (size_t i = 0; i < H; ++i) x[i] += tmp[i];
-        }
+        if (tok < 0 || tok >= cfg.vocab_size) throw Error("token id " + std::to_string(tok) + " out of range");
+        ops.token = tok;
+        ops.pos = cache.len;
+        ops.want_logits = t + 1 == tokens.size();
+        program_->forward(ops);
         ++cache.len;
-        if (t + 1 == tokens.size()) {
-            rmsnorm(x.data(), final_norm_, H, cfg_.rms_norm_eps, h.data());
-            logits.resize(size_t(cfg_.vocab_size));
-            matvec(output_, h.data(), logits.data());
-        }
     }
-    return logits;
+    return std::move(ops.logits_out);
 }
 
 }  // namespace tmc

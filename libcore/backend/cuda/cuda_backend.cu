@@ -1,8 +1,9 @@
-// The CUDA backend: the same forward recipe as the CPU backend, weights in
-// device memory (16-bit, as the workspace holds them), linear layers through
-// cuBLAS (fp32 accumulation; the residual add fused as beta = 1), our own
-// kernels for the rest (kernels/). Activations and the KV cache are 16-bit,
-// the residual stream and logits fp32.
+// The CUDA backend: the ops of a model program (backend/model_program.hpp),
+// weights in device memory (16-bit, as the workspace holds them), linear
+// layers through cuBLAS (fp32 accumulation; the residual add fused as
+// beta = 1), our own kernels for the rest (kernels/). Activations and the KV
+// cache are 16-bit, the residual stream and logits fp32. Switches are read
+// once, into CudaSwitches (switches.hpp).
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
@@ -27,10 +28,8 @@
 #include "backend/gemm_tune_cache.hpp"
 #include "backend/cuda/nccl_comm.hpp"
 #include "backend/cuda/step_profile.hpp"
-#include "model/tp_split.hpp"
+#include "backend/model_program.hpp"
 #include "kernels/kernels.cuh"
-#include "model/rope.hpp"
-#include "model/weight_names.hpp"
 #include "tm/device.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
@@ -38,8 +37,6 @@
 namespace tmc {
 
 namespace {
-
-long tp_timeout_seconds();
 
 void check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw Error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
@@ -68,7 +65,7 @@ struct DevBuf {
     }
 };
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public Backend, private ForwardOps {
 public:
     CudaBackend(const Workspace& ws, const CudaBackendOptions& opt);
     ~CudaBackend() override;
@@ -87,7 +84,7 @@ public:
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override;
     const int* greedy_ids() override { return h_ids_; }
     const float* greedy_values() override { return h_vals_; }
-    bool samples_on_device() const override { return device_sampling_ && out_rows_ == cfg_.vocab_size; }
+    bool samples_on_device() const override { return sw_.sampling && out_rows_ == cfg_.vocab_size; }
     // NCCL needs each rank's communicator aborted by its own thread, the
     // ranks together (an abort waits for the peers'): the failing rank's
     // thread aborts its own; another rank's thread does when it next waits
@@ -100,24 +97,39 @@ public:
     }
 
 private:
-    struct Layer {
-        DevWeight attn_norm, wqkv, bqkv, q_norm, k_norm, wo, ffn_norm, w13, w2;
-    };
-    DevWeight upload(const Workspace& ws, const std::string& name, int rows, int cols);
+    // ForwardOps: the kernels of one step over step_'s rows, on stream_.
+    void embed(WeightId table) override;
+    void rmsnorm(WeightId w) override;
+    void linear(WeightId w, Buf in, Buf out) override;
+    void add_linear(WeightId w, Buf in) override;
+    void qkv_rope_cache(const QkvEpilogue& e) override;
+    void attention(int layer) override;
+    void silu_mul() override;
+    void logits(WeightId final_norm, WeightId output) override;
+
+    void* buf(Buf b);
+    void load_weights(const Workspace& ws);
     void gemm(const DevWeight& w, const void* x, int T, void* y, cudaDataType ytype, int ldy, float beta);
-    bool add_projection(const DevWeight& w, const void* in, int T, const DevWeight* norm = nullptr);
+    void settle_reduce();
+    cuda::BatchDev batch_dev() const;  // step_'s metadata as the attention kernels read it
     size_t step_bytes(int max_tokens) const;
     void launched(const char* what) { check(cudaGetLastError(), what); }
     // TM_TP_TRACE=1: each rank's host-side progress on stderr (hangs between ranks).
     void trace(const char* what, int a = -1) const {
-        if (trace_) std::fprintf(stderr, "[rank %d] %s %d\n", rank_, what, a), std::fflush(stderr);
+        if (sw_.tp_trace && comm_) std::fprintf(stderr, "[rank %d] %s %d\n", rank_, what, a), std::fflush(stderr);
     }
-    bool trace_ = false;
-    void run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows, size_t o_boff,
-             size_t o_items, size_t o_row_items, size_t o_tiles, size_t o_blocks);
+    // The step the ops run over: its row counts and where its metadata sits in meta_.
+    struct StepArgs {
+        int T = 0, L = 0;
+        size_t n_single = 0, n_tiles = 0;
+        size_t o_pos = 0, o_seq = 0, o_lrows = 0, o_boff = 0, o_items = 0, o_row_items = 0, o_tiles = 0, o_blocks = 0;
+    } step_;
+    int pending_reduce_ = 0;  // tp > 1: rows of x_ whose all-reduce add_linear left to the next op
+    void run(const StepArgs& a);
     static constexpr int kMaxGraphBatch = 256;
-    bool graphs_enabled_ = true;
-    long ncu_step_ = -1, steps_ = 0;  // TM_CUDA_NCU_STEP: the decode step a profiler records (cudaProfilerStart)
+    cuda::CudaSwitches sw_;
+    std::shared_ptr<const ModelProgram> program_;
+    long steps_ = 0;  // decode steps so far (sw_.ncu_step)
     // TM_CUDA_STEP_GPU=1: per decode step, the GPU's time from the step's
     // first upload to its last download (events) against the host's time
     // from one collect() to the next; the difference is the GPU idle between
@@ -129,16 +141,6 @@ private:
         long steps = 0;
         double gpu_ms = 0, wall_ms = 0, host_ms = 0;
     } sg_;
-    bool split_attention_ = true;  // TM_CUDA_SPLIT_ATTENTION=0: one block per (row, KV head)
-    bool mma_attention_ = true;    // TM_CUDA_MMA_ATTENTION=0: prefill tiles on CUDA cores
-    bool fa_prefill_ = true;       // TM_CUDA_FA_PREFILL=0: prefill tiles through shared memory (WMMA)
-    bool ring_decode_ = true;      // TM_CUDA_RING_DECODE=0: decode rows by the generic row kernel
-    bool mma_decode_ = true;       // TM_CUDA_MMA_DECODE=0: decode rows on CUDA cores (ring of 32-key chunks)
-    bool graph_buckets_ = true;    // TM_CUDA_GRAPH_BUCKETS=0: one graph per decode batch size
-    bool device_sampling_ = true;  // TM_CUDA_SAMPLING=0: every sampled row's logits to the host
-    bool gemv_ = true;             // TM_CUDA_GEMV=0: projections of 1-2 rows through cuBLAS too
-    bool gemm_tune_ = true;        // TM_CUDA_GEMM_TUNE=0: cublasGemmEx's default algorithm at every size
-    bool retune_ = false;          // TM_CUDA_GEMM_TUNE=retune: time again, ignoring the cache
     std::unique_ptr<cuda::GemmTuner> tuner_;
     void tune_gemms();
     void capture_decode_graphs();
@@ -152,8 +154,7 @@ private:
     cublasHandle_t blas_ = nullptr;
     void* arena_ = nullptr;
     size_t arena_used_ = 0, arena_size_ = 0;
-    DevWeight emb_, final_norm_, output_;
-    std::vector<Layer> layers_;
+    std::vector<DevWeight> w_;  // by WeightId
     DevBuf<float> inv_freq_;
 
     BackendLimits lim_;
@@ -165,7 +166,6 @@ private:
     cuda::CudaCommunicator* fused_comm_ = nullptr;  // comm_, when it can fuse the norm
     std::atomic<bool> abort_requested_{false};
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
-    long tp_timeout_s_ = 600;  // TM_TP_TIMEOUT: a step's longest wait before the group is ended
     void wait(const char* what);
     void enqueue(const BatchPlan& plan);  // forward() up to the wait
     struct Pending {  // what collect() returns and profiles
@@ -197,26 +197,44 @@ private:
     cuda::SampleRow* h_spec_ = nullptr;  // pinned
 };
 
-DevWeight CudaBackend::upload(const Workspace& ws, const std::string& name, int rows, int cols) {
-    WeightView v = ws.tensor(rank_, name);
-    if (v.numel() != int64_t(rows) * cols || v.dtype != cfg_.weight_dtype)
-        throw Error(ws.dir() + ": tensor " + name + " does not have the shape or dtype config.ini implies");
-    const size_t aligned = (v.bytes + 255) / 256 * 256;
-    if (arena_used_ + aligned > arena_size_) throw Error("cuda backend: weight arena overflow");
-    void* dst = static_cast<char*>(arena_) + arena_used_;
-    arena_used_ += aligned;
-    check(cudaMemcpy(dst, v.data, v.bytes, cudaMemcpyHostToDevice), "weight upload");
-    return DevWeight{dst, rows, cols};
+// Every weight the program lists, into one device arena; a tensor listed
+// twice (a tied output layer is the embedding table) is uploaded once.
+void CudaBackend::load_weights(const Workspace& ws) {
+    const auto& specs = program_->weights();
+    std::vector<WeightView> views;
+    size_t total = 0;
+    for (const WeightSpec& sp : specs) {
+        views.push_back(checked_weight(ws, rank_, sp, cfg_.weight_dtype));
+        total += (views.back().bytes + 255) / 256 * 256;
+    }
+    check(cudaMalloc(&arena_, std::max<size_t>(total, 256)), "cudaMalloc (weights)");
+    arena_size_ = total;
+    w_.resize(specs.size());
+    for (size_t i = 0; i < specs.size(); ++i) {
+        size_t same = 0;
+        while (same < i && specs[same].name != specs[i].name) ++same;
+        if (same < i) {
+            w_[i] = DevWeight{w_[same].ptr, specs[i].rows, specs[i].cols};
+            continue;
+        }
+        const WeightView& v = views[i];
+        void* dst = static_cast<char*>(arena_) + arena_used_;
+        arena_used_ += (v.bytes + 255) / 256 * 256;
+        check(cudaMemcpy(dst, v.data, v.bytes, cudaMemcpyHostToDevice), "weight upload");
+        w_[i] = DevWeight{dst, specs[i].rows, specs[i].cols};
+    }
 }
 
-CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : cfg_(ws.model()) {
+CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) {
+    if (!opt.program) throw Error("cuda backend: no model program");
+    program_ = opt.program;
     if (ws.tp() != opt.tp)
         throw Error(ws.dir() + ": converted with --tp " + std::to_string(ws.tp()) + "; this backend runs " +
                     std::to_string(opt.tp) + " rank(s)");
+    if (program_->tp() != opt.tp) throw Error("cuda backend: the model program is for another tensor-parallel degree");
     rank_ = opt.rank;
-    const RankShape shape = rank_shape(cfg_, opt.tp);  // this rank's heads, KV heads, MLP columns, vocab rows
-    cfg_ = shape.cfg;
-    out_rows_ = shape.out_rows;
+    cfg_ = program_->config();  // this rank's heads, KV heads, MLP columns
+    out_rows_ = program_->output_rows();
     if (opt.tp > 1 && !opt.make_comm) throw Error("cuda backend: tensor parallelism without a communicator");
     if (cfg_.weight_dtype != DType::BF16 && cfg_.weight_dtype != DType::F16)
         throw Error(ws.dir() + ": the CUDA backend reads bf16 or fp16 weights");
@@ -233,37 +251,18 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
     cudaDeviceProp prop;
     check(cudaGetDeviceProperties(&prop, opt.device), "cudaGetDeviceProperties");
     device_name_ = prop.name;
-    // Switches, each on by default: NAME=0 turns it off.
-    auto on = [](const char* name, bool& v) {
-        if (const char* g = std::getenv(name)) v = std::string(g) != "0";
-    };
-    on("TM_CUDA_GRAPHS", graphs_enabled_);
-    if (const char* g = std::getenv("TM_CUDA_NCU_STEP")) ncu_step_ = std::atol(g);
-    if (const char* g = std::getenv("TM_CUDA_STEP_GPU"); g && std::string(g) == "1") {
+    sw_ = opt.switches ? *opt.switches : cuda::CudaSwitches::from_env();
+    if (sw_.step_gpu) {
         sg_.on = true;
         cudaEventCreate(&sg_.a);
         cudaEventCreate(&sg_.b);
     }
-    on("TM_CUDA_SPLIT_ATTENTION", split_attention_);
-    on("TM_CUDA_MMA_ATTENTION", mma_attention_);
-    on("TM_CUDA_RING_DECODE", ring_decode_);
-    on("TM_CUDA_MMA_DECODE", mma_decode_);
-    on("TM_CUDA_FA_PREFILL", fa_prefill_);
-    on("TM_CUDA_GRAPH_BUCKETS", graph_buckets_);
-    on("TM_CUDA_GEMV", gemv_);
-    on("TM_CUDA_GEMM_TUNE", gemm_tune_);
-    if (const char* g = std::getenv("TM_CUDA_GEMM_TUNE")) retune_ = std::string(g) == "retune";
-    bool pdl = true;  // TM_CUDA_PDL=0: every kernel waits for the previous one to finish before it is scheduled
-    on("TM_CUDA_PDL", pdl);
-    cuda::set_programmatic_launch(pdl);
-    on("TM_CUDA_SAMPLING", device_sampling_);
-    if (const char* g = std::getenv("TM_CUDA_PROFILE"); g && std::string(g) == "1") {
+    cuda::set_programmatic_launch(sw_.pdl);
+    if (sw_.profile) {
         prof_.enable(cfg_.num_layers * 11 + 8);
-        graphs_enabled_ = false;  // events are timed outside graphs only
+        sw_.graphs = false;  // events are timed outside graphs only
     }
-    tp_timeout_s_ = tp_timeout_seconds();
     barrier_ = opt.barrier;
-    if (const char* g = std::getenv("TM_TP_TRACE")) trace_ = std::string(g) == "1" && opt.tp > 1;
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const auto& cb = cuda::cublas();
     check(cb.create(&blas_), "cublasCreate");
@@ -275,33 +274,8 @@ CudaBackend::CudaBackend(const Workspace& ws, const CudaBackendOptions& opt) : c
         fused_comm_ = dynamic_cast<cuda::CudaCommunicator*>(comm_.get());
     }
 
-    size_t total = 0;
-    const std::string mine = "weights/rank" + std::to_string(rank_) + "/";
-    for (auto& f : ws.manifest().files)
-        if (f.is_tensor && f.path.rfind(mine, 0) == 0) total += (f.bytes + 255) / 256 * 256;
-    check(cudaMalloc(&arena_, total), "cudaMalloc (weights)");
-    arena_size_ = total;
-    const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
-    const int qkv = cfg_.q_size() + 2 * cfg_.kv_size();
-    emb_ = upload(ws, wname::kEmbedding, V, H);
-    final_norm_ = upload(ws, wname::kFinalNorm, 1, H);
-    output_ = cfg_.tie_word_embeddings ? emb_ : upload(ws, wname::kOutput, out_rows_, H);
-    for (int l = 0; l < cfg_.num_layers; ++l) {
-        Layer L;
-        L.attn_norm = upload(ws, wname::layer(l, wname::kAttnNorm), 1, H);
-        L.wqkv = upload(ws, wname::layer(l, wname::kWqkv), qkv, H);
-        if (cfg_.attn_bias) L.bqkv = upload(ws, wname::layer(l, wname::kBqkv), 1, qkv);
-        if (cfg_.qk_norm) {
-            L.q_norm = upload(ws, wname::layer(l, wname::kQNorm), 1, hd);
-            L.k_norm = upload(ws, wname::layer(l, wname::kKNorm), 1, hd);
-        }
-        L.wo = upload(ws, wname::layer(l, wname::kWo), H, cfg_.q_size());
-        L.ffn_norm = upload(ws, wname::layer(l, wname::kFfnNorm), 1, H);
-        L.w13 = upload(ws, wname::layer(l, wname::kW13), 2 * I, H);
-        L.w2 = upload(ws, wname::layer(l, wname::kW2), H, I);
-        layers_.push_back(L);
-    }
-    auto inv = rope_inv_freq(cfg_);
+    load_weights(ws);
+    const std::vector<float>& inv = program_->rope_inv_freq();
     inv_freq_.alloc(inv.size());
     check(cudaMemcpy(inv_freq_.p, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice), "upload inv_freq");
     if (!opt.kv_params.empty()) {
@@ -390,34 +364,77 @@ void CudaBackend::init(const BackendLimits& limits) {
                 T * size_t(lim_.max_context / lim_.block_size + 2) + 2;
     meta_.alloc(meta_cap_);
     check(cudaMallocHost(&h_meta_, meta_cap_ * 4), "cudaMallocHost");
-    if (gemm_tune_) tune_gemms();
+    if (sw_.gemm_tune) tune_gemms();
     capture_decode_graphs();
 }
 
+// The linear layers a program multiplies, in the order it calls them: which
+// weight, from which buffer, into what (tune_gemms groups them by shape).
+class LinearRecorder final : public ForwardOps {
+public:
+    enum Into { Buffer, Residual, Logits };
+    struct Use {
+        WeightId w;
+        Buf in, out;
+        Into into;
+    };
+    std::vector<Use> uses;
+    void embed(WeightId) override {}
+    void rmsnorm(WeightId) override {}
+    void linear(WeightId w, Buf in, Buf out) override { uses.push_back({w, in, out, Buffer}); }
+    void add_linear(WeightId w, Buf in) override { uses.push_back({w, in, in, Residual}); }
+    void qkv_rope_cache(const QkvEpilogue&) override {}
+    void attention(int) override {}
+    void silu_mul() override {}
+    void logits(WeightId, WeightId output) override { uses.push_back({output, Buf::Normed, Buf::Normed, Logits}); }
+};
+
 // Each projection's matmul algorithm by number of rows (gemm_tuner.hpp),
-// timed on this model's weights at start-up.
+// timed on this model's weights at start-up: one shape for each kind of
+// linear layer the program multiplies (its calls of the same weight shape,
+// input and output), timed over all of its weights in turn.
 void CudaBackend::tune_gemms() {
     const auto t0 = std::chrono::steady_clock::now();
-    const bool log = std::getenv("TM_CUDA_GEMM_TUNE_LOG") != nullptr;
-    tuner_ = std::make_unique<cuda::GemmTuner>(cdt_, stream_, blas_ws_.p, blas_ws_.n);
-    const int T = lim_.max_batch_tokens, H = cfg_.hidden_size, I = cfg_.intermediate_size;
-    const float residual_beta = !comm_ || rank_ == 0 ? 1.0f : 0.0f;  // add_projection's
-    const int qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
+    const bool log = sw_.gemm_tune_log;
+    tuner_ = std::make_unique<cuda::GemmTuner>(cdt_, stream_, blas_ws_.p, blas_ws_.n, log);
+    const int T = lim_.max_batch_tokens, H = cfg_.hidden_size;
+    const float residual_beta = !comm_ || rank_ == 0 ? 1.0f : 0.0f;  // add_linear's
     // Picks of earlier runs on this device and cuBLASLt (formats/gemm-tune.md).
     const std::string cache_path = gemm_tune_cache_path();
-    const std::vector<GemmTuneEntry> cache = retune_ ? std::vector<GemmTuneEntry>{} : read_gemm_tune_cache(cache_path);
+    const std::vector<GemmTuneEntry> cache = sw_.retune ? std::vector<GemmTuneEntry>{} : read_gemm_tune_cache(cache_path);
     std::vector<GemmTuneEntry> fresh;
     const char* ab = dt_ == cuda::Dt::BF16 ? "bf16" : "f16";
     const auto type_name = [&](cudaDataType t) { return t == CUDA_R_32F ? "f32" : ab; };
     const int lt_version = int(cuda::cublas_lt().version());
-    bool filled = false, filled_hn = false;
-    const auto tune = [&](DevWeight Layer::*member, void* x, void* y, cudaDataType yt, int ldy, float beta,
-                          int max_rows, DevWeight* single) {
-        std::vector<const void*> ws;
-        if (single) ws.push_back(single->ptr);
-        else
-            for (auto& L : layers_) ws.push_back((L.*member).ptr);
-        const DevWeight& w0 = single ? *single : layers_[0].*member;
+    LinearRecorder rec;
+    program_->forward(rec);
+    std::vector<void*> filled;  // input buffers holding random activations
+    std::vector<bool> grouped(rec.uses.size(), false);
+    int n_shapes = 0;
+    for (size_t u = 0; u < rec.uses.size(); ++u) {
+        if (grouped[u]) continue;
+        const LinearRecorder::Use& use = rec.uses[u];
+        const DevWeight& w0 = w_[size_t(use.w)];
+        // The calls of this kind: same shape, input and output.
+        std::vector<WeightId> ids;
+        for (size_t v = u; v < rec.uses.size(); ++v) {
+            const auto& o = rec.uses[v];
+            const DevWeight& wv = w_[size_t(o.w)];
+            if (grouped[v] || o.into != use.into || o.in != use.in || o.out != use.out || wv.rows != w0.rows ||
+                wv.cols != w0.cols)
+                continue;
+            grouped[v] = true;
+            if (std::find(ids.begin(), ids.end(), o.w) == ids.end()) ids.push_back(o.w);
+        }
+        const bool logit_rows = use.into == LinearRecorder::Logits;
+        void* x = logit_rows ? static_cast<void*>(hn_.p) : buf(use.in);
+        void* y = use.into == LinearRecorder::Buffer ? buf(use.out) : logit_rows ? static_cast<void*>(logits_.p) : x_.p;
+        const cudaDataType yt = use.into == LinearRecorder::Buffer ? cdt_ : CUDA_R_32F;
+        const float beta = use.into == LinearRecorder::Residual ? residual_beta : 0.0f;
+        const int max_rows = logit_rows ? lim_.max_logit_rows : T;
+        const int ldy = w0.rows;
+        std::vector<const void*> ptrs;
+        for (WeightId id : ids) ptrs.push_back(w_[size_t(id)].ptr);
         const cuda::GemmTuner::Shape sh{w0.rows, w0.cols, yt, ldy, beta};
         GemmTuneEntry key;
         key.device = device_name_, key.cublaslt = lt_version, key.ab = ab, key.y = type_name(yt);
@@ -426,21 +443,15 @@ void CudaBackend::tune_gemms() {
         for (auto& c : cache)
             if (c.same_shape(key)) cached = &c.picks;
         // Random activations for the timing.
-        if (!cached && !single && !filled) {
-            cuda::fill_random(cdt_, h_.p, size_t(T) * H, 1.0f, stream_);
-            cuda::fill_random(cdt_, attn_.p, size_t(T) * cfg_.q_size(), 1.0f, stream_);
-            cuda::fill_random(cdt_, act_.p, size_t(T) * I, 1.0f, stream_);
-            filled = true;
-        }
-        if (!cached && single && !filled_hn) {
-            cuda::fill_random(cdt_, hn_.p, size_t(lim_.max_logit_rows) * H, 1.0f, stream_);
-            filled_hn = true;
+        if (!cached && std::find(filled.begin(), filled.end(), x) == filled.end()) {
+            cuda::fill_random(cdt_, x, size_t(max_rows) * size_t(w0.cols), 1.0f, stream_);
+            filled.push_back(x);
         }
         // The output layer only to 1,024 rows (a batch's sampled rows; more
         // only with prompt log-probabilities): its tuning is the longest.
-        const int tune_rows = single ? std::min(max_rows, 1024) : max_rows;
+        const int tune_rows = logit_rows ? std::min(max_rows, 1024) : max_rows;
         const int id = tuner_->add(
-            sh, ws, x, y, max_rows, tune_rows,
+            sh, ptrs, x, y, max_rows, tune_rows,
             [&](int rows, const void* w) {
                 const float alpha = 1.0f;
                 check(cuda::cublas().gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, w0.rows, rows, w0.cols, &alpha, w, cdt_,
@@ -449,9 +460,8 @@ void CudaBackend::tune_gemms() {
                       "gemm");
             },
             cached);
-        if (single) single->tuned = id;
-        else
-            for (auto& L : layers_) (L.*member).tuned = id;
+        ++n_shapes;
+        for (WeightId wid : ids) w_[size_t(wid)].tuned = id;
         if (tuner_->timed(id)) {
             // Saved with the rungs of earlier runs beyond this one's largest.
             for (auto& p : tuner_->picks(id)) key.picks.emplace_back(p.rows, p.heuristic);
@@ -465,17 +475,12 @@ void CudaBackend::tune_gemms() {
                 std::fprintf(stderr, "tm cuda gemm %dx%d rows %d: %s, pick %d %.1f us (default %.1f us)\n", w0.rows,
                              w0.cols, p.rows, tuner_->timed(id) ? "timed" : "cached", p.heuristic, p.us_pick,
                              p.us_default);
-    };
-    tune(&Layer::wqkv, h_.p, qkv_.p, cdt_, qkv_ld, 0.0f, T, nullptr);
-    tune(&Layer::wo, attn_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
-    tune(&Layer::w13, h_.p, gu_.p, cdt_, 2 * I, 0.0f, T, nullptr);
-    tune(&Layer::w2, act_.p, x_.p, CUDA_R_32F, H, residual_beta, T, nullptr);
-    tune(nullptr, hn_.p, logits_.p, CUDA_R_32F, out_rows_, 0.0f, lim_.max_logit_rows, &output_);
+    }
     check(cudaMemsetAsync(x_.p, 0, size_t(T) * H * 4, stream_), "tuning");
     check(cudaStreamSynchronize(stream_), "tuning");
     const bool saved = !fresh.empty() && write_gemm_tune_cache(cache_path, fresh);
     if (log)
-        std::fprintf(stderr, "tm cuda gemm: %zu of 5 shapes timed in %.2f s%s%s\n", fresh.size(),
+        std::fprintf(stderr, "tm cuda gemm: %zu of %d shapes timed in %.2f s%s%s\n", fresh.size(), n_shapes,
                      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                      saved ? ", saved to " : "", saved ? cache_path.c_str() : "");
 }
@@ -485,7 +490,7 @@ void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDa
     // HBM speed). From 3 rows on cuBLAS is faster on an H100 (offline step
     // logs of the 8B model: 4 rows 11.4 vs 12.8 ms a step, 8 rows 17.4 vs 22.1).
     constexpr int kGemvRows = 2;
-    if (gemv_ && T <= kGemvRows &&
+    if (sw_.gemv && T <= kGemvRows &&
         cuda::gemv(dt_, w.ptr, w.rows, w.cols, x, w.cols, T, y, ytype == CUDA_R_32F, ldy, beta, stream_)) {
         launched("gemv");
         return;
@@ -505,16 +510,6 @@ struct MetaLayout {
     size_t tokens, positions, row_seq, lrows, boff, items, row_items, tiles, blocks, total;
 };
 
-// TM_TP_TIMEOUT: the longest a tensor-parallel rank waits for the others.
-long tp_timeout_seconds() {
-    const char* g = std::getenv("TM_TP_TIMEOUT");
-    if (!g) return 600;
-    char* end = nullptr;
-    const long v = std::strtol(g, &end, 10);
-    if (end == g || *end || v <= 0) throw Error("TM_TP_TIMEOUT must be a positive number of seconds");
-    return v;
-}
-
 // Decode batches padded up to these sizes share one captured graph.
 int graph_bucket(int T) {
     if (T <= 4) return T <= 1 ? 1 : T <= 2 ? 2 : 4;
@@ -530,7 +525,7 @@ int graph_bucket(int T) {
 // start-up. Without buckets (a graph for each size) graphs are captured as
 // sizes first occur.
 void CudaBackend::capture_decode_graphs() {
-    if (!graphs_enabled_ || !graph_buckets_) return;
+    if (!sw_.graphs || !sw_.graph_buckets) return;
     const int scratch = lim_.num_blocks;
     BatchPlan plan;
     for (int T = 1; T <= kMaxGraphBatch && T <= lim_.max_batch_tokens && T <= lim_.max_logit_rows; ++T) {
@@ -566,7 +561,7 @@ void CudaBackend::wait(const char* what) {
         const cudaError_t e = cudaStreamQuery(stream_);
         if (e == cudaSuccess) return;
         if (e != cudaErrorNotReady) check(e, what);
-        const bool late = std::chrono::steady_clock::now() - t0 > std::chrono::seconds(tp_timeout_s_);
+        const bool late = std::chrono::steady_clock::now() - t0 > std::chrono::seconds(sw_.tp_timeout_s);
         if (abort_requested_.load() || late) end_group(late);
         std::this_thread::yield();
     }
@@ -581,7 +576,7 @@ void CudaBackend::end_group(bool late) {
     cudaStreamSynchronize(stream_);
     (void)cudaGetLastError();
     if (late)
-        throw Error("a tensor-parallel step did not finish within " + std::to_string(tp_timeout_s_) +
+        throw Error("a tensor-parallel step did not finish within " + std::to_string(sw_.tp_timeout_s) +
                     " s (a rank stopped; TM_TP_TIMEOUT sets the limit)");
     throw Error("the tensor-parallel group was ended after an error on another rank");
 }
@@ -656,9 +651,9 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
     // token 0 at position 0, each its own sequence over the scratch block
     // (their K/V land there, their outputs are ignored).
     const bool decode = n_tiles == 0 && size_t(T) == n_single && L == T && S == T;
-    const bool use_graph = decode && graphs_enabled_ && T <= kMaxGraphBatch;
+    const bool use_graph = decode && sw_.graphs && T <= kMaxGraphBatch;
     int Tp = T;
-    if (use_graph && graph_buckets_) {
+    if (use_graph && sw_.graph_buckets) {
         const int b = graph_bucket(T);
         if (b <= lim_.max_batch_tokens && b <= lim_.max_logit_rows) Tp = b;
     }
@@ -730,7 +725,7 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
         // cut into pieces (kernels/paged_attention.cu).
         lens_.resize(size_t(n_rows));
         for (int i = 0; i < n_rows; ++i) lens_[size_t(i)] = keys(single_[size_t(i)]);
-        cuda::plan_decode_items(single_.data(), lens_.data(), n_rows, cfg_.num_kv_heads, split_attention_,
+        cuda::plan_decode_items(single_.data(), lens_.data(), n_rows, cfg_.num_kv_heads, sw_.split_attention,
                                 reinterpret_cast<int4*>(m + ml.items), reinterpret_cast<int2*>(m + ml.row_items));
     }
     if (sg_.on) {
@@ -740,7 +735,7 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
     check(cudaMemcpyAsync(meta_.p, h_meta_, ml.total * 4, cudaMemcpyHostToDevice, stream_), "metadata upload");
     // TM_CUDA_NCU_STEP=N: the N-th decode step's kernels between
     // cudaProfilerStart and Stop (ncu --profile-from-start off).
-    const bool ncu = decode && ncu_step_ >= 0 && steps_++ == ncu_step_;
+    const bool ncu = decode && sw_.ncu_step >= 0 && steps_++ == sw_.ncu_step;
     if (ncu) cudaProfilerStart();
 
     if (use_graph) {
@@ -751,8 +746,8 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
             check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
             capturing_ = true;
             try {
-                run(Tp, Tp, size_t(Tp), 0, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items, ml.row_items, ml.tiles,
-                    ml.blocks);
+                run(StepArgs{Tp, Tp, size_t(Tp), 0, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items,
+                             ml.row_items, ml.tiles, ml.blocks});
             } catch (...) {
                 capturing_ = false;
                 cudaStreamEndCapture(stream_, &graph);
@@ -767,8 +762,8 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
         trace("graph launch rows", Tp);
         check(cudaGraphLaunch(exec, stream_), "graph launch");
     } else {
-        run(T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items, ml.row_items, ml.tiles,
-            ml.blocks);
+        run(StepArgs{T, L, n_single, n_tiles, ml.positions, ml.row_seq, ml.lrows, ml.boff, ml.items, ml.row_items,
+                     ml.tiles, ml.blocks});
     }
     if (ncu) cudaProfilerStop();
     if (L > 0 && plan.sample.size() == size_t(L) && !plan.greedy_only && samples_on_device()) {
@@ -806,90 +801,145 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
     pending_ = {h_logits_, decode, T, true};
 }
 
-// x += in · wᵀ (the residual add fused into the GEMM). With tensor
-// parallelism rank 0 adds its partial product to x and the others start from
-// zero, so the all-reduce leaves x + every rank's part on every rank; given
-// `norm`, the all-reduce may also write h_ = RMSNorm(x) · norm (returns true
-// then, and the caller skips its norm).
-bool CudaBackend::add_projection(const DevWeight& w, const void* in, int T, const DevWeight* norm) {
-    const int H = cfg_.hidden_size;
-    if (!comm_) {
-        gemm(w, in, T, x_.p, CUDA_R_32F, H, 1.0f);
-        prof_.mark(prof_.kGemm);
-        return false;
+void* CudaBackend::buf(Buf b) {
+    switch (b) {
+        case Buf::Normed: return h_.p;
+        case Buf::Qkv: return qkv_.p;
+        case Buf::Attn: return attn_.p;
+        case Buf::GateUp: return gu_.p;
+        case Buf::Act: return act_.p;
     }
-    gemm(w, in, T, x_.p, CUDA_R_32F, H, rank_ == 0 ? 1.0f : 0.0f);
-    prof_.mark(prof_.kGemm);
-    trace("all-reduce rows", T);
-    sync_ranks();
-    const bool fused = norm && fused_comm_ &&
-                       fused_comm_->all_reduce_sum_rmsnorm(x_.p, T, H, norm->ptr, float(cfg_.rms_norm_eps), h_.p,
-                                                           int(dt_));
-    if (!fused) comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
-    sync_ranks();
-    prof_.mark(prof_.kAllReduce);
-    return fused;
+    throw Error("cuda backend: unknown buffer");
 }
 
 // The kernels of one step, on stream_ (captured into a graph for decode).
-void CudaBackend::run(int T, int L, size_t n_single, size_t n_tiles, size_t o_pos, size_t o_seq, size_t o_lrows,
-                      size_t o_boff, size_t o_items, size_t o_row_items, size_t o_tiles, size_t o_blocks) {
-    const int* d_tokens = meta_.p;
-    cuda::BatchDev bd{meta_.p + o_pos, meta_.p + o_seq, meta_.p + o_boff, meta_.p + o_blocks};
-    const int* d_lrows = meta_.p + o_lrows;
-    const int2* d_tiles = reinterpret_cast<const int2*>(meta_.p + o_tiles);
-    const int4* d_items = reinterpret_cast<const int4*>(meta_.p + o_items);
-    const int2* d_row_items = reinterpret_cast<const int2*>(meta_.p + o_row_items);
-    const int item_cap = cuda::decode_item_capacity(int(n_single), cfg_.num_kv_heads);
-    const int H = cfg_.hidden_size, I = cfg_.intermediate_size, hd = cfg_.head_dim;
-    const int nq = cfg_.num_heads, nkv = cfg_.num_kv_heads, qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
-    const float eps = float(cfg_.rms_norm_eps);
+void CudaBackend::run(const StepArgs& a) {
+    step_ = a;
     prof_.begin(stream_);
-    cuda::embedding(dt_, emb_.ptr, d_tokens, T, H, x_.p, stream_);
+    program_->forward(*this);
+    settle_reduce();
+}
+
+void CudaBackend::embed(WeightId table) {
+    settle_reduce();
+    cuda::embedding(dt_, w_[size_t(table)].ptr, meta_.p, step_.T, cfg_.hidden_size, x_.p, stream_);
     launched("embedding");
     prof_.mark(prof_.kEmbed);
-    bool normed = false;  // h_ already holds this layer's attention-norm output
-    for (int l = 0; l < cfg_.num_layers; ++l) {
-        const Layer& Ly = layers_[size_t(l)];
-        if (!normed) {
-            cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.attn_norm.ptr, eps, h_.p, stream_);
-            launched("rmsnorm");
-            prof_.mark(prof_.kNorm);
-        }
-        gemm(Ly.wqkv, h_.p, T, qkv_.p, cdt_, qkv_ld, 0.0f);
-        prof_.mark(prof_.kGemm);
-        cuda::QkvArgs qa{qkv_.p, qkv_ld, T, nq, nkv, hd, Ly.bqkv.ptr, Ly.q_norm.ptr, Ly.k_norm.ptr, eps, inv_freq_.p, l};
-        cuda::qkv_rope_cache(dt_, qa, bd, kvl_, stream_);
-        launched("qkv_rope_cache");
-        prof_.mark(prof_.kRope);
-        cuda::AttnArgs aa{qkv_.p, qkv_ld, T, nq, nkv, hd, cfg_.sliding_window, 1.0f / std::sqrt(float(hd)), l, attn_.p,
-                          split_attention_ ? attn_split_.p : nullptr, mma_attention_};
-        aa.ring_decode = ring_decode_;
-        aa.mma_decode = mma_decode_;
-        aa.register_tiles = fa_prefill_;
-        cuda::paged_attention_tiled(dt_, aa, bd, kvl_, d_tiles, int(n_tiles), stream_);  // head_dim supported (tiles_ok)
-        cuda::paged_attention(dt_, aa, bd, kvl_, d_items, item_cap, d_row_items, int(n_single), stream_);
-        launched("paged_attention");
-        prof_.mark(prof_.kAttention);
-        if (!add_projection(Ly.wo, attn_.p, T, &Ly.ffn_norm)) {
-            cuda::rmsnorm(dt_, x_.p, nullptr, T, H, Ly.ffn_norm.ptr, eps, h_.p, stream_);
-            launched("rmsnorm");
-            prof_.mark(prof_.kNorm);
-        }
-        gemm(Ly.w13, h_.p, T, gu_.p, cdt_, 2 * I, 0.0f);
-        prof_.mark(prof_.kGemm);
-        cuda::silu_mul(dt_, gu_.p, T, I, act_.p, stream_);
-        launched("silu_mul");
-        prof_.mark(prof_.kActivation);
-        normed = add_projection(Ly.w2, act_.p, T,
-                                l + 1 < cfg_.num_layers ? &layers_[size_t(l) + 1].attn_norm : nullptr);
+}
+
+// Normed = RMSNorm(x) · w. After add_linear on a tensor-parallel rank the
+// all-reduce it left pending may write the norm too (one kernel for both).
+void CudaBackend::rmsnorm(WeightId w) {
+    const int H = cfg_.hidden_size, T = step_.T;
+    const float eps = float(cfg_.rms_norm_eps);
+    if (pending_reduce_) {
+        pending_reduce_ = 0;
+        trace("all-reduce rows", T);
+        sync_ranks();
+        const bool fused = fused_comm_ && fused_comm_->all_reduce_sum_rmsnorm(x_.p, T, H, w_[size_t(w)].ptr, eps, h_.p,
+                                                                              int(dt_));
+        if (!fused) comm_->all_reduce_sum(x_.p, size_t(T) * size_t(H));
+        sync_ranks();
+        prof_.mark(prof_.kAllReduce);
+        if (fused) return;
     }
-    if (L > 0) {
-        cuda::rmsnorm(dt_, x_.p, d_lrows, L, H, final_norm_.ptr, eps, hn_.p, stream_);
-        launched("rmsnorm");
-        gemm(output_, hn_.p, L, logits_.p, CUDA_R_32F, out_rows_, 0.0f);
-        prof_.mark(prof_.kLogits);
-    }
+    cuda::rmsnorm(dt_, x_.p, nullptr, T, H, w_[size_t(w)].ptr, eps, h_.p, stream_, sw_.vector_elementwise);
+    launched("rmsnorm");
+    prof_.mark(prof_.kNorm);
+}
+
+// The all-reduce add_linear left pending, before an op other than rmsnorm.
+void CudaBackend::settle_reduce() {
+    if (!pending_reduce_) return;
+    pending_reduce_ = 0;
+    trace("all-reduce rows", step_.T);
+    sync_ranks();
+    comm_->all_reduce_sum(x_.p, size_t(step_.T) * size_t(cfg_.hidden_size));
+    sync_ranks();
+    prof_.mark(prof_.kAllReduce);
+}
+
+void CudaBackend::linear(WeightId w, Buf in, Buf out) {
+    settle_reduce();
+    const DevWeight& W = w_[size_t(w)];
+    gemm(W, buf(in), step_.T, buf(out), cdt_, W.rows, 0.0f);
+    prof_.mark(prof_.kGemm);
+}
+
+// x += in · wᵀ (the residual add fused into the GEMM). With tensor
+// parallelism rank 0 adds its partial product to x and the others start from
+// zero, so the all-reduce leaves x + every rank's part on every rank; it is
+// left pending for the next op (rmsnorm fuses it).
+void CudaBackend::add_linear(WeightId w, Buf in) {
+    settle_reduce();
+    const DevWeight& W = w_[size_t(w)];
+    gemm(W, buf(in), step_.T, x_.p, CUDA_R_32F, cfg_.hidden_size, !comm_ || rank_ == 0 ? 1.0f : 0.0f);
+    prof_.mark(prof_.kGemm);
+    if (comm_) pending_reduce_ = step_.T;
+}
+
+cuda::BatchDev CudaBackend::batch_dev() const {
+    return cuda::BatchDev{meta_.p + step_.o_pos, meta_.p + step_.o_seq, meta_.p + step_.o_boff,
+                          meta_.p + step_.o_blocks};
+}
+
+void CudaBackend::qkv_rope_cache(const QkvEpilogue& e) {
+    settle_reduce();
+    const int qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
+    auto ptr = [&](WeightId id) { return id == kNoWeight ? nullptr : w_[size_t(id)].ptr; };
+    cuda::QkvArgs qa{qkv_.p,    qkv_ld,         step_.T,        cfg_.num_heads,
+                     cfg_.num_kv_heads, cfg_.head_dim, ptr(e.bias), ptr(e.q_norm),
+                     ptr(e.k_norm), float(cfg_.rms_norm_eps), inv_freq_.p, e.layer};
+    cuda::qkv_rope_cache(dt_, qa, batch_dev(), kvl_, stream_);
+    launched("qkv_rope_cache");
+    prof_.mark(prof_.kRope);
+}
+
+void CudaBackend::attention(int layer) {
+    settle_reduce();
+    const int hd = cfg_.head_dim, qkv_ld = cfg_.q_size() + 2 * cfg_.kv_size();
+    const cuda::BatchDev bd = batch_dev();
+    cuda::AttnArgs aa{qkv_.p,
+                      qkv_ld,
+                      step_.T,
+                      cfg_.num_heads,
+                      cfg_.num_kv_heads,
+                      hd,
+                      cfg_.sliding_window,
+                      1.0f / std::sqrt(float(hd)),
+                      layer,
+                      attn_.p,
+                      sw_.split_attention ? attn_split_.p : nullptr,
+                      sw_.mma_attention};
+    aa.ring_decode = sw_.ring_decode;
+    aa.mma_decode = sw_.mma_decode;
+    aa.register_tiles = sw_.fa_prefill;
+    const auto* tiles = reinterpret_cast<const int2*>(meta_.p + step_.o_tiles);
+    const auto* items = reinterpret_cast<const int4*>(meta_.p + step_.o_items);
+    const auto* row_items = reinterpret_cast<const int2*>(meta_.p + step_.o_row_items);
+    const int item_cap = cuda::decode_item_capacity(int(step_.n_single), cfg_.num_kv_heads);
+    cuda::paged_attention_tiled(dt_, aa, bd, kvl_, tiles, int(step_.n_tiles), stream_);  // head_dim supported (tiles_ok)
+    cuda::paged_attention(dt_, aa, bd, kvl_, items, item_cap, row_items, int(step_.n_single), stream_);
+    launched("paged_attention");
+    prof_.mark(prof_.kAttention);
+}
+
+void CudaBackend::silu_mul() {
+    settle_reduce();
+    cuda::silu_mul(dt_, gu_.p, step_.T, cfg_.intermediate_size, act_.p, stream_, sw_.vector_elementwise);
+    launched("silu_mul");
+    prof_.mark(prof_.kActivation);
+}
+
+void CudaBackend::logits(WeightId final_norm, WeightId output) {
+    settle_reduce();
+    if (step_.L == 0) return;
+    const int H = cfg_.hidden_size;
+    cuda::rmsnorm(dt_, x_.p, meta_.p + step_.o_lrows, step_.L, H, w_[size_t(final_norm)].ptr,
+                  float(cfg_.rms_norm_eps), hn_.p, stream_, sw_.vector_elementwise);
+    launched("rmsnorm");
+    gemm(w_[size_t(output)], hn_.p, step_.L, logits_.p, CUDA_R_32F, out_rows_, 0.0f);
+    prof_.mark(prof_.kLogits);
 }
 
 void CudaBackend::token_logprobs(const int* logit_index, const int* targets, int n, float* out) {
@@ -930,10 +980,12 @@ std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBac
         bool failed = false;
     };
     auto gate = std::make_shared<Gate>();
-    auto barrier = std::make_shared<HostBarrier>(tp, tp_timeout_seconds());
-    auto peers = cuda::make_peer_group(tp);
+    const cuda::CudaSwitches sw = opt.switches ? *opt.switches : cuda::CudaSwitches::from_env();
+    auto barrier = std::make_shared<HostBarrier>(tp, sw.tp_timeout_s);
+    auto peers = sw.p2p_allreduce ? cuda::make_peer_group(tp) : nullptr;
     return make_tp_backend(ws.model(), tp, [=](int r) {
         CudaBackendOptions o = opt;
+        o.switches = sw;
         o.device = r;
         o.tp = tp;
         o.rank = r;

@@ -57,8 +57,8 @@ const std::vector<int>& gemm_tuner_rungs() {
     return r;
 }
 
-GemmTuner::GemmTuner(cudaDataType ab, cudaStream_t stream, void* workspace, size_t workspace_bytes)
-    : ab_(ab), stream_(stream), ws_(workspace), ws_bytes_(workspace_bytes) {
+GemmTuner::GemmTuner(cudaDataType ab, cudaStream_t stream, void* workspace, size_t workspace_bytes, bool log)
+    : ab_(ab), log_(log), stream_(stream), ws_(workspace), ws_bytes_(workspace_bytes) {
     const CublasLt& lt = cublas_lt();
     lt_check(lt.create(&lt_), "create");
     lt_check(lt.desc_create(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul descriptor");
@@ -206,7 +206,7 @@ bool GemmTuner::run(int shape, int T, const void* w, const void* x, void* y, cud
             if (st == CUBLAS_STATUS_SUCCESS && chk.workspaceSize <= ws_bytes_) {
                 r.algo = e.algos[i];
                 r.state = 1;
-            } else if (std::getenv("TM_CUDA_GEMM_TUNE_LOG")) {
+            } else if (log_) {
                 std::fprintf(stderr, "tm cuda gemm %dx%d rows %d: the pick of %d rows does not apply (status %d)\n",
                              e.s.n, e.s.k, T, e.picks[i].rows, int(st));
             }

@@ -39,7 +39,8 @@ public:
     };
     static constexpr double kMinGain = 1.04;  // a cuBLASLt pick must be this much faster
 
-    GemmTuner(cudaDataType ab, cudaStream_t stream, void* workspace, size_t workspace_bytes);
+    // log: a pick that does not apply to a row count is said on standard error.
+    GemmTuner(cudaDataType ab, cudaStream_t stream, void* workspace, size_t workspace_bytes, bool log = false);
     ~GemmTuner();
     GemmTuner(const GemmTuner&) = delete;
     GemmTuner& operator=(const GemmTuner&) = delete;
@@ -78,6 +79,7 @@ private:
     };
     void layouts(const Shape& s, int T, cublasLtMatrixLayout_t& lx, cublasLtMatrixLayout_t& ly) const;
     cudaDataType ab_;
+    bool log_ = false;
     cudaStream_t stream_;
     void* ws_;
     size_t ws_bytes_;

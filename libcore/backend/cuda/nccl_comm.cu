@@ -82,8 +82,7 @@ public:
         (void)cudaGetLastError();
         try {
             warm_up();
-            const char* on = std::getenv("TM_CUDA_P2P_ALLREDUCE");
-            if (peers && n > 1 && n <= kP2pMaxRanks && !(on && std::string(on) == "0")) join(*peers);
+            if (peers && n > 1 && n <= kP2pMaxRanks) join(*peers);
         } catch (...) {
             nccl().comm_abort(comm_);
             release_p2p();

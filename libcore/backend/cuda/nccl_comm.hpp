@@ -41,7 +41,7 @@ public:
 // all_reduce_sum(x, n) sums device memory in place, enqueued on `stream`
 // (capturable in a CUDA graph); it does not synchronize. With `peers` (every
 // rank the same group, all ranks' threads calling together), peer access
-// between every pair of GPUs and TM_CUDA_P2P_ALLREDUCE not 0, messages up to
+// between every pair of GPUs (null when CudaSwitches::p2p_allreduce is off), messages up to
 // 256 K floats go through peer memory (kernels/p2p_allreduce.cu), the rest
 // to NCCL.
 std::unique_ptr<CudaCommunicator> nccl_communicator(const NcclId& id, int rank, int n, cudaStream_t stream,

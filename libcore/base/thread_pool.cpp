@@ -1,4 +1,4 @@
-#include "backend/cpu/thread_pool.hpp"
+#include "base/thread_pool.hpp"
 
 #include <immintrin.h>
 
@@ -6,7 +6,7 @@
 
 #include "tm/error.hpp"
 
-namespace tmc::cpu {
+namespace tmc {
 
 namespace {
 constexpr auto kSpin = std::chrono::microseconds(500);
@@ -87,4 +87,4 @@ void ThreadPool::worker(int index) {
     }
 }
 
-}  // namespace tmc::cpu
+}  // namespace tmc

@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace tmc::cpu {
+namespace tmc {
 
 class ThreadPool {
 public:
@@ -60,4 +60,4 @@ private:
     uint64_t gen_ = 0;
 };
 
-}  // namespace tmc::cpu
+}  // namespace tmc
