@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 
 #include "model/decoder.hpp"
@@ -78,7 +79,9 @@ T* poisoned(size_t n) {
 
 // Widths of the vectorized kernel (H a multiple of 4, up to 16,384) and of
 // the scalar one (odd H, wider rows).
+// Both kernels: vectorized (the default) and scalar.
 TEST(Kernels, RmsnormMatchesCpu) {
+    for (bool vec : {true, false})
     for (int H : {64, 384, 4096, 5000, 4099, 16384, 20000}) {
         const int R = 7;
         auto x = randn(size_t(R) * H), w = randn(size_t(H));
@@ -88,7 +91,7 @@ TEST(Kernels, RmsnormMatchesCpu) {
         uint16_t* out = poisoned<uint16_t>(size_t(R) * H);
         std::vector<int> rows = {6, 0, 3};
         int* drows = dev(rows);
-        tmc::cuda::rmsnorm(tmc::cuda::Dt::BF16, dx, drows, 3, H, dw, 1e-5f, out, 0);
+        tmc::cuda::rmsnorm(tmc::cuda::Dt::BF16, dx, drows, 3, H, dw, 1e-5f, out, 0, vec);
         CK(cudaGetLastError());
         CK(cudaDeviceSynchronize());
         auto got = host(out, size_t(3) * H);
@@ -99,7 +102,7 @@ TEST(Kernels, RmsnormMatchesCpu) {
             for (int i = 0; i < H; ++i)
                 ASSERT_NEAR(tmc::bf16_to_f32(got[size_t(r) * H + i]), want[size_t(i)],
                             1e-2 * std::abs(want[size_t(i)]) + 1e-3)
-                    << "H " << H << " row " << r << " i " << i;
+                    << "H " << H << " row " << r << " i " << i << " vectorized " << vec;
         }
         cudaFree(dx), cudaFree(dw), cudaFree(out), cudaFree(drows);
     }
@@ -147,8 +150,9 @@ TEST(Kernels, ArgmaxRowsMatchesCpu) {
     }
 }
 
-// I a multiple of 8 (16-byte vectors) and not.
+// I a multiple of 8 (16-byte vectors) and not; vectorized and scalar kernels.
 TEST(Kernels, SiluMulMatchesCpu) {
+    for (bool vec : {true, false})
     for (int I : {1000, 1001, 14336}) {
         const int T = 5;
         auto gu = randn(size_t(T) * 2 * I, 3.0f);
@@ -156,7 +160,7 @@ TEST(Kernels, SiluMulMatchesCpu) {
         for (size_t i = 0; i < gu.size(); ++i) gu[i] = tmc::bf16_to_f32(gub[i]);
         uint16_t* d = dev(gub);
         uint16_t* out = poisoned<uint16_t>(size_t(T) * I);
-        tmc::cuda::silu_mul(tmc::cuda::Dt::BF16, d, T, I, out, 0);
+        tmc::cuda::silu_mul(tmc::cuda::Dt::BF16, d, T, I, out, 0, vec);
         CK(cudaGetLastError());
         auto got = host(out, size_t(T) * I);
         std::vector<float> want(static_cast<size_t>(I));
@@ -166,7 +170,7 @@ TEST(Kernels, SiluMulMatchesCpu) {
             for (int i = 0; i < I; ++i)
                 ASSERT_NEAR(tmc::bf16_to_f32(got[size_t(t) * I + i]), want[size_t(i)],
                             1e-2 * std::abs(want[size_t(i)]) + 1e-3)
-                    << "I " << I << " row " << t << " i " << i;
+                    << "I " << I << " row " << t << " i " << i << " vectorized " << vec;
         }
         cudaFree(d), cudaFree(out);
     }
@@ -534,8 +538,8 @@ TEST(Kernels, RopeCacheAndPagedAttentionMatchCpu) {
 
 // The whole forward pass: CUDA against the CPU backend, a ragged batch with
 // chunked prefill and decode rows; `kv_quant` and static scales go to both.
-void compare_forward(const char* m, int kv_quant, bool static_scales, float tol,
-                     double argmax_frac) {
+void compare_forward(const char* m, int kv_quant, bool static_scales, float tol, double argmax_frac,
+                     const std::optional<tmc::cuda::CudaSwitches>& sw = std::nullopt) {
     char tmpl[] = "/tmp/tm-gpu-XXXXXX";
     std::string dir = mkdtemp(tmpl);
     tmc::ConvertOptions co;
@@ -545,6 +549,7 @@ void compare_forward(const char* m, int kv_quant, bool static_scales, float tol,
     tmc::CudaBackendOptions gpo;
     cpo.program = gpo.program = tmc::model_program(ws);
     cpo.kv_quant = gpo.kv_quant = kv_quant;
+    gpo.switches = sw;
     if (static_scales) {
         // Any scales will do: both backends must compute the same codes.
         const auto& c = ws.model();
@@ -574,11 +579,14 @@ void compare_forward(const char* m, int kv_quant, bool static_scales, float tol,
     std::vector<int> split = {20, 0, 50};
     // Steps 2 and 3 are decode steps (one new token per sequence): the
     // CUDA backend captures a graph in step 2 and replays it in step 3.
-    for (int step = 0; step < 4; ++step) {
+    // Step 4 decodes the short sequence alone (one row: the GEMV path).
+    for (int step = 0; step < 5; ++step) {
         tmc::BatchPlan p;
-        if (step >= 2)
+        if (step == 2 || step == 3)
             for (auto& s : seqs) s.push_back(tokd(rng()));
+        if (step == 4) seqs[1].push_back(tokd(rng()));
         for (size_t s = 0; s < seqs.size(); ++s) {
+            if (step == 4 && s != 1) continue;
             int from = step == 0 ? 0 : step == 1 ? split[s] : int(seqs[s].size()) - 1;
             int to = step == 0 ? split[s] : int(seqs[s].size());
             if (step >= 1) from = std::min(from, to);
@@ -630,6 +638,50 @@ TEST(CudaBackend, MatchesCpuBackendOnEveryArchitecture) {
     for (const char* m : {"tinytech-25m", "random-qwen2", "random-qwen3", "random-mistral"})
         compare_forward(m, 0, false, 0.05f, 0.9);
 }
+
+// Each fast path of the CUDA backend alone (the others off), and all of them
+// on and off, over every architecture: a path that only runs beside another
+// is still checked against the CPU reference by itself.
+struct Variant {
+    const char* name;
+    tmc::cuda::CudaSwitches sw;
+};
+std::vector<Variant> fast_path_variants() {
+    using S = tmc::cuda::CudaSwitches;
+    auto only = [](std::initializer_list<bool S::*> on) {
+        S s = S::all_off();
+        for (auto f : on) s.*f = true;
+        return s;
+    };
+    return {
+        {"all_on", S{}},
+        {"all_off", S::all_off()},
+        {"ring_decode", only({&S::ring_decode})},
+        {"ring_mma_decode", only({&S::ring_decode, &S::mma_decode})},
+        {"split_attention", only({&S::split_attention})},
+        {"split_ring_mma_decode", only({&S::split_attention, &S::ring_decode, &S::mma_decode})},
+        {"mma_prefill", only({&S::mma_attention})},
+        {"fa_prefill", only({&S::mma_attention, &S::fa_prefill})},
+        {"graphs", only({&S::graphs})},
+        {"graph_buckets", only({&S::graphs, &S::graph_buckets})},
+        {"gemv", only({&S::gemv})},
+        {"vector_elementwise", only({&S::vector_elementwise})},
+        {"pdl", only({&S::pdl})},
+        {"gemm_tune", only({&S::gemm_tune})},
+    };
+}
+
+class FastPath : public ::testing::TestWithParam<Variant> {};
+
+TEST_P(FastPath, MatchesCpuBackendOnEveryArchitecture) {
+    const Variant& v = GetParam();
+    SCOPED_TRACE(v.sw.describe());
+    for (const char* m : {"tinytech-25m", "random-qwen2", "random-qwen3", "random-mistral"})
+        compare_forward(m, 0, false, 0.05f, 0.9, v.sw);
+}
+
+INSTANTIATE_TEST_SUITE_P(CudaBackend, FastPath, ::testing::ValuesIn(fast_path_variants()),
+                         [](const ::testing::TestParamInfo<Variant>& i) { return std::string(i.param.name); });
 
 // The int8 and int4 caches (kernels/rope_cache.cu quantizes, both attention
 // kernels dequantize) against the CPU backend's, online and static scales.
