@@ -17,7 +17,7 @@
 #include <random>
 #include <thread>
 
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 #include "chat_input.hpp"
 #include "http_client.hpp"
 #include "tool_main.hpp"

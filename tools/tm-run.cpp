@@ -18,8 +18,8 @@
 #include <mutex>
 #include <optional>
 
-#include "base/json_write.hpp"
-#include "base/mapped_file.hpp"
+#include "tm/json_write.hpp"
+#include "tm/files.hpp"
 #include "tm/chat_template.hpp"
 #include "tm/engine.hpp"
 #include "tm/error.hpp"

@@ -10,7 +10,7 @@
 
 #include <simdjson.h>
 
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 
 namespace tmc {
 

@@ -1,4 +1,4 @@
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 
 #include "base/utf8.hpp"
 

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "tm/files.hpp"
+
 namespace tmc {
 
 class MappedFile {
@@ -28,10 +30,5 @@ private:
     const uint8_t* data_ = nullptr;
     size_t size_ = 0;
 };
-
-// Reads a whole (small) file into a string; throws tmc::Error naming the path.
-std::string read_file(const std::string& path);
-bool path_exists(const std::string& path);
-bool is_directory(const std::string& path);
 
 }  // namespace tmc

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <cstdio>
 
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 
 namespace tmc::jinja {
 

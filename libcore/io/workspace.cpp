@@ -7,7 +7,7 @@
 #include <set>
 #include <sstream>
 
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 #include "base/mapped_file.hpp"
 #include "tm/error.hpp"
 

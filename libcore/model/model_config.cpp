@@ -4,7 +4,7 @@
 #include <simdjson.h>
 #include <sstream>
 
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 #include "base/mapped_file.hpp"
 #include "tm/error.hpp"
 

@@ -15,7 +15,7 @@
 #include <mutex>
 
 #include "backend/backend.hpp"
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 #include "base/mapped_file.hpp"
 #include "model/tp_split.hpp"
 #include "tm/error.hpp"

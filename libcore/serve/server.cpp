@@ -27,7 +27,7 @@
 #include <unordered_map>
 
 #include "api/request_fields.hpp"
-#include "base/json_write.hpp"
+#include "tm/json_write.hpp"
 #include "tm/error.hpp"
 
 namespace tmc {
