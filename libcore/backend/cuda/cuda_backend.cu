@@ -815,13 +815,13 @@ void* CudaBackend::buf(Buf b) {
 // The kernels of one step, on stream_ (captured into a graph for decode).
 void CudaBackend::run(const StepArgs& a) {
     step_ = a;
+    pending_reduce_ = 0;  // (a step that failed part-way may have left one)
     prof_.begin(stream_);
     program_->forward(*this);
     settle_reduce();
 }
 
 void CudaBackend::embed(WeightId table) {
-    settle_reduce();
     cuda::embedding(dt_, w_[size_t(table)].ptr, meta_.p, step_.T, cfg_.hidden_size, x_.p, stream_);
     launched("embedding");
     prof_.mark(prof_.kEmbed);

@@ -32,11 +32,11 @@ constexpr Path kPaths[] = {
 
 bool is(const char* v, const char* want) { return v && std::string(v) == want; }
 
-long positive(const char* name, const char* v, bool zero_ok) {
+// A whole number >= min; otherwise tmc::Error "NAME must be WHAT".
+long whole(const char* name, const char* v, long min, const char* what) {
     char* end = nullptr;
     const long x = std::strtol(v, &end, 10);
-    if (end == v || *end || x < 0 || (!zero_ok && x == 0))
-        throw Error(std::string(name) + " must be a " + (zero_ok ? "non-negative" : "positive") + " integer");
+    if (end == v || *end || x < min) throw Error(std::string(name) + " must be " + what);
     return x;
 }
 
@@ -50,9 +50,9 @@ CudaSwitches CudaSwitches::from_env() {
     s.gemm_tune_log = std::getenv("TM_CUDA_GEMM_TUNE_LOG") != nullptr;
     s.profile = is(std::getenv("TM_CUDA_PROFILE"), "1");
     s.step_gpu = is(std::getenv("TM_CUDA_STEP_GPU"), "1");
-    if (const char* v = std::getenv("TM_CUDA_NCU_STEP")) s.ncu_step = positive("TM_CUDA_NCU_STEP", v, true);
+    if (const char* v = std::getenv("TM_CUDA_NCU_STEP")) s.ncu_step = whole("TM_CUDA_NCU_STEP", v, 0, "a step number (0, 1, ...)");
     s.tp_trace = is(std::getenv("TM_TP_TRACE"), "1");
-    if (const char* v = std::getenv("TM_TP_TIMEOUT")) s.tp_timeout_s = positive("TM_TP_TIMEOUT", v, false);
+    if (const char* v = std::getenv("TM_TP_TIMEOUT")) s.tp_timeout_s = whole("TM_TP_TIMEOUT", v, 1, "a positive number of seconds");
     return s;
 }
 
