@@ -1,6 +1,6 @@
 // The CUDA backend and its kernels against the CPU reference, on the GPU
 // machine (make test-gpu): kernels/elementwise.cu (embedding, RMSNorm,
-// SiLU-mul), kernels/rope_cache.cu and kernels/paged_attention.cu (both
+// SiLU-mul), kernels/rope_cache.cu and kernels/attention/ (both
 // variants), then the whole forward pass. Fresh random inputs each run;
 // outputs poisoned before each launch; CUDA errors checked after every launch.
 #include <cuda_runtime.h>

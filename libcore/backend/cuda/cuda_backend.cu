@@ -722,7 +722,7 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
             return keys(a[0] + a[1] - 1) > keys(b[0] + b[1] - 1);
         });
         // Work items of the single rows (padding rows included): long rows
-        // cut into pieces (kernels/paged_attention.cu).
+        // cut into pieces (kernels/attention/attention.cu).
         lens_.resize(size_t(n_rows));
         for (int i = 0; i < n_rows; ++i) lens_[size_t(i)] = keys(single_[size_t(i)]);
         cuda::plan_decode_items(single_.data(), lens_.data(), n_rows, cfg_.num_kv_heads, sw_.split_attention,
