@@ -97,10 +97,14 @@ std::vector<ChatMessage> read_messages(element me) {
 void read_sampling(object obj, const Engine& engine, SamplingParams& p) {
     element e;
     const char* pos_int = "a positive integer";
-    if (!obj["max_tokens"].get(e) || !obj["max_completion_tokens"].get(e)) {
-        int64_t v = integer(e, obj["max_tokens"].error() ? "max_completion_tokens" : "max_tokens", pos_int);
-        if (v < 1) bad(obj["max_tokens"].error() ? "max_completion_tokens" : "max_tokens", pos_int);
+    // The length limit by any of its names (OpenAI's two, LMDeploy's); the first given counts.
+    for (const char* f : {"max_tokens", "max_completion_tokens", "request_output_len"}) {
+        if (obj[f].get(e)) continue;
+        if (e.is_null() && std::string_view(f) == "request_output_len") continue;
+        const int64_t v = integer(e, f, pos_int);
+        if (v < 1) bad(f, pos_int);
         p.max_tokens = int(std::min<int64_t>(v, 1 << 30));
+        break;
     }
     auto num = [&](const char* f, float& dst, double lo, double hi, const char* what) {
         if (obj[f].get(e) || e.is_null()) return;

@@ -23,7 +23,7 @@ bool boolean(element e, const std::string& f);
 std::vector<int> read_prompt(element prompt, const Engine& engine);
 // [{"role": ..., "content": string | [{"type": "text", "text": ...}]}, ...]
 std::vector<ChatMessage> read_messages(element messages);
-// max_tokens / max_completion_tokens, temperature, top_p, top_k, min_p, the
+// max_tokens / max_completion_tokens / request_output_len (LMDeploy), temperature, top_p, top_k, min_p, the
 // penalties, seed, stop, stop_token_ids, ignore_eos, skip_special_tokens.
 void read_sampling(object obj, const Engine& engine, SamplingParams& p);
 

@@ -112,6 +112,7 @@ uint64_t Engine::submit(Request req, Callback cb) {
     const uint64_t id = r->id;
     {
         std::lock_guard<std::mutex> lk(impl_->mu);
+        if (r->req.session_id) impl_->session_request[*r->req.session_id] = id;
         impl_->inbox.push_back(eng::Command{eng::Command::Submit, std::move(r), 0});
         impl_->busy = true;
     }
@@ -162,6 +163,7 @@ void Engine::end_session(uint64_t session_id) {
     {
         std::lock_guard<std::mutex> lk(impl_->mu);
         impl_->inbox.push_back(eng::Command{eng::Command::EndSession, nullptr, session_id});
+        impl_->session_conversation_snapshot.erase(session_id);
         impl_->busy = true;
     }
     impl_->cv.notify_all();
@@ -171,6 +173,19 @@ std::vector<int> Engine::session_tokens(uint64_t session_id) const {
     std::lock_guard<std::mutex> lk(impl_->mu);
     auto it = impl_->session_tokens_snapshot.find(session_id);
     return it == impl_->session_tokens_snapshot.end() ? std::vector<int>{} : it->second;
+}
+
+std::vector<ChatMessage> Engine::session_conversation(uint64_t session_id) const {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    auto it = impl_->session_conversation_snapshot.find(session_id);
+    return it == impl_->session_conversation_snapshot.end() ? std::vector<ChatMessage>{} : it->second;
+}
+
+std::optional<uint64_t> Engine::session_request(uint64_t session_id) const {
+    std::lock_guard<std::mutex> lk(impl_->mu);
+    auto it = impl_->session_request.find(session_id);
+    if (it == impl_->session_request.end()) return std::nullopt;
+    return it->second;
 }
 
 EngineStats Engine::stats() const {

@@ -58,6 +58,7 @@ struct Req {
     std::string new_text;
     std::vector<float> prompt_lp;
     std::vector<TokenLogprob> new_lp;  // with new_ids, when sampling.logprobs >= 0
+    std::string answer;                // text emitted so far (with req.conversation)
     Clock::time_point t_submit, t_first;
     bool got_first = false;
     FinishReason done = FinishReason::None;  // set when a stop condition hit; finish() follows
@@ -71,6 +72,7 @@ struct Session {
     uint64_t last_used = 0;
     Req* busy = nullptr;
     bool ending = false;
+    std::vector<ChatMessage> conversation;  // Request::conversation with its answers
 };
 
 struct Command {
@@ -111,7 +113,10 @@ struct Engine::Impl {
     std::vector<Command> inbox;
     std::atomic<uint64_t> next_id{1};
     EngineStats snapshot;
+    // Sessions as callers see them (session.cpp keeps them current).
     std::unordered_map<uint64_t, std::vector<int>> session_tokens_snapshot;
+    std::unordered_map<uint64_t, std::vector<ChatMessage>> session_conversation_snapshot;
+    std::unordered_map<uint64_t, uint64_t> session_request;  // set by submit(), cleared by finish()
     bool busy = false;
 
     // Engine thread state.
@@ -156,7 +161,7 @@ struct Engine::Impl {
     bool evict_one_session();
     void release_session(Session& s);
     void end_session(uint64_t id);
-    void return_to_session(Req& r);
+    void return_to_session(Req& r, FinishReason why);
     // step.cpp
     void step();
     void choose_greedy_only();

@@ -103,6 +103,7 @@ void Engine::Impl::emit(Req& r, bool final, FinishReason why, const std::string&
     o.request_id = r.id;
     o.token_ids.swap(r.new_ids);
     o.logprobs.swap(r.new_lp);
+    if (!r.req.conversation.empty()) r.answer += r.new_text;
     o.text.swap(r.new_text);
     o.finished = final;
     o.finish_reason = final ? why : FinishReason::None;
@@ -140,8 +141,13 @@ void Engine::Impl::finish(Req* r, FinishReason why, const std::string& error) {
             break;
         }
     r->final_completion = std::max(0, r->out_count());
-    if (r->session) return_to_session(*r);
+    if (r->session) return_to_session(*r, why);
     else bm->release_all(r->seq.blocks);
+    if (r->req.session_id) {
+        std::lock_guard<std::mutex> lk(mu);
+        auto it = session_request.find(*r->req.session_id);
+        if (it != session_request.end() && it->second == r->id) session_request.erase(it);
+    }
     publish();
     if (r->cb) {
         r->new_text += r->held;

@@ -70,23 +70,32 @@ void Engine::Impl::end_session(uint64_t id) {
     sessions.erase(it);
     std::lock_guard<std::mutex> lk(mu);
     session_tokens_snapshot.erase(id);
+    session_conversation_snapshot.erase(id);
 }
 
 // A finished request hands its sequence back to its session (or, when the
-// session was ended meanwhile, frees it).
-void Engine::Impl::return_to_session(Req& r) {
+// session was ended meanwhile, frees it), and its conversation with the
+// answer when it ended without an error.
+void Engine::Impl::return_to_session(Req& r, FinishReason why) {
     Session& s = *r.session;
     s.seq = std::move(r.seq);
     s.last_used = ++tick;
     s.busy = nullptr;
     r.session = nullptr;
+    const bool talk = !r.req.conversation.empty() && why != FinishReason::Error;
+    if (talk) {
+        s.conversation = std::move(r.req.conversation);
+        s.conversation.push_back({"assistant", r.answer + r.new_text + r.held});
+    }
     std::lock_guard<std::mutex> lk(mu);
     if (s.ending) {
         session_tokens_snapshot.erase(s.id);
+        session_conversation_snapshot.erase(s.id);
         bm->release_all(s.seq.blocks);
         sessions.erase(s.id);
     } else {
         session_tokens_snapshot[s.id] = s.seq.tokens;
+        if (talk) session_conversation_snapshot[s.id] = s.conversation;
     }
 }
 

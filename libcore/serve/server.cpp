@@ -131,9 +131,6 @@ private:
         int last_prompt_token = -1;  // for the text of the first token's logprobs
         std::string rid, prompt_text;
         std::optional<uint64_t> session;
-        // Interactive: the conversation with this call's turn; with the
-        // answer it becomes the session's history when the call succeeds.
-        std::vector<ChatMessage> history;
         std::string text;
         std::vector<TokenLogprob> lps;
         std::vector<int> token_ids;
@@ -202,9 +199,6 @@ struct Server {
     Histogram itl{{0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5}};
     Histogram e2e{{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600}};
 
-    // Interactive sessions: the conversation so far, and the running request.
-    std::unordered_map<uint64_t, std::vector<ChatMessage>> history;
-    std::unordered_map<uint64_t, uint64_t> session_request;
 
     Server(Engine& e, const ServeOptions& o) : eng(e), opt(o) {}
 
@@ -650,45 +644,36 @@ void Conn::interactive(object obj) {
         respond(200, "{\"text\": \"\", \"tokens\": 0, \"input_tokens\": 0, \"history_tokens\": 0, \"finish_reason\": " +
                          json_quote(fr) + "}");
     };
+    // The engine owns sessions: their conversation, KV cache and running request.
     if (cancel) {
-        auto it = srv_.session_request.find(uint64_t(sid));
-        if (it != srv_.session_request.end()) srv_.eng.cancel(it->second);
+        if (auto id = srv_.eng.session_request(uint64_t(sid))) srv_.eng.cancel(*id);
         return plain("cancelled");
     }
     if (end || (!interactive && !has_prompt && sid >= 0)) {
         srv_.eng.end_session(uint64_t(sid));
-        srv_.history.erase(uint64_t(sid));
         return plain("stop");
     }
     if (!has_prompt) throw bad_request("missing \"prompt\"", "prompt");
-    if (sid >= 0 && srv_.session_request.count(uint64_t(sid)))
+    if (sid >= 0 && srv_.eng.session_request(uint64_t(sid)))
         throw bad_request("session " + std::to_string(sid) + " is already generating", "session_id");
     Request req;
     req.sampling = srv_.opt.defaults;
-    if (!obj["request_output_len"].get(e) && !e.is_null()) {
-        int64_t v = api::integer(e, "request_output_len", "a positive integer");
-        if (v < 1) throw bad_request("\"request_output_len\" must be a positive integer", "request_output_len");
-        req.sampling.max_tokens = int(std::min<int64_t>(v, 1 << 30));
-    }
-    api::read_sampling(obj, srv_.eng, req.sampling);
+    api::read_sampling(obj, srv_.eng, req.sampling);  // request_output_len among its names
     std::vector<ChatMessage> msgs;
     if (interactive) {
         // The conversation so far plus this turn, rendered whole: the engine
         // reuses the session's cache for the common prefix. A whole
-        // conversation replaces the history; its last message is the turn.
-        if (turn.size() > 1) gen_.history = turn;
+        // conversation replaces the session's; its last message is the turn.
+        if (turn.size() > 1) msgs = turn;
         else {
-            if (auto it = srv_.history.find(uint64_t(sid)); it != srv_.history.end()) gen_.history = it->second;
-            gen_.history.push_back(turn.back());
+            msgs = srv_.eng.session_conversation(uint64_t(sid));
+            msgs.push_back(turn.back());
         }
-        msgs = gen_.history;
+        req.conversation = msgs;
         req.session_id = uint64_t(sid);
         gen_.session = uint64_t(sid);
     } else {
-        if (sid >= 0) {
-            srv_.eng.end_session(uint64_t(sid));
-            srv_.history.erase(uint64_t(sid));
-        }
+        if (sid >= 0) srv_.eng.end_session(uint64_t(sid));
         msgs = std::move(turn);
     }
     gen_.prompt_text = srv_.eng.render_chat(msgs, true);
@@ -717,7 +702,7 @@ void Conn::submit(Request req) {
         gen_.active = false;
         throw;
     }
-    if (gen_.session) srv_.session_request[*gen_.session] = gen_.id;
+
     arm_watch();
 }
 
@@ -906,15 +891,6 @@ void Conn::finish_generation(const Output& o) {
     srv_.generation_tokens += uint64_t(o.usage.completion_tokens);
     srv_.cached_tokens += uint64_t(o.usage.cached_tokens);
     if (!gen_.token_ids.empty()) srv_.e2e.observe(seconds_since(gen_.start));
-    if (gen_.session) {
-        auto it = srv_.session_request.find(*gen_.session);
-        if (it != srv_.session_request.end() && it->second == gen_.id) srv_.session_request.erase(it);
-        if (gen_.kind == Kind::Interactive && o.finish_reason != FinishReason::Error) {
-            auto& h = srv_.history[*gen_.session];
-            h = std::move(gen_.history);
-            h.push_back({"assistant", gen_.text});
-        }
-    }
     if (gen_.client_gone) status_ = 499;
     log_request(status_ ? status_ : 200, &o);
     if (gen_.client_gone) {

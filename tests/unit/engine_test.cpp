@@ -275,6 +275,44 @@ TEST(Engine, SessionSecondTurnPrefillsOnlyNewTokens) {
     EXPECT_TRUE(e->session_tokens(7).empty());
 }
 
+// The engine is the one owner of a session: its conversation (kept with
+// each answer when a request carries one) and its running request.
+TEST(Engine, SessionKeepsItsConversationAndRunningRequest) {
+    auto e = tmc::Engine::open(tinytech_ws(), cpu_opts());
+    std::vector<tmc::ChatMessage> msgs = {{"user", "What is a file system?"}};
+    tmc::Request r = greedy(e->encode_chat(msgs), 8);
+    r.session_id = 5;
+    r.conversation = msgs;
+    EXPECT_FALSE(e->session_request(5));
+    auto stream = e->generate(r);
+    EXPECT_EQ(e->session_request(5), stream.id());  // set at submit, before the engine takes it
+    std::string text;
+    tmc::Output o;
+    while (stream.next(o)) text += o.text;
+    EXPECT_FALSE(e->session_request(5));  // cleared before the final output
+    auto conv = e->session_conversation(5);
+    ASSERT_EQ(conv.size(), 2u);
+    EXPECT_EQ(conv[0].content, "What is a file system?");
+    EXPECT_EQ(conv[1].role, "assistant");
+    EXPECT_EQ(conv[1].content, text);
+    // A request without a conversation leaves it as it is; one that fails does too.
+    tmc::Request plain = greedy(e->encode_chat(msgs), 2);
+    plain.session_id = 5;
+    run(*e, plain);
+    EXPECT_EQ(e->session_conversation(5).size(), 2u);
+    tmc::Request too_long = greedy(std::vector<int>(size_t(e->session_len()) + 1, 100), 2);
+    too_long.session_id = 5;
+    too_long.conversation = {{"user", "x"}};
+    auto f = run(*e, too_long);
+    EXPECT_EQ(f.final.finish_reason, tmc::FinishReason::Error);
+    EXPECT_EQ(e->session_conversation(5).size(), 2u);
+    EXPECT_FALSE(e->session_request(5));
+    e->end_session(5);
+    EXPECT_TRUE(e->session_conversation(5).empty());  // at once
+    e->wait_idle();
+    EXPECT_EQ(e->stats().blocks_free, e->stats().blocks_total);
+}
+
 TEST(Engine, SmallPoolPreemptsAndStillMatchesSoloRuns) {
     auto o = cpu_opts();
     o.cache_tokens = 512;  // 32 blocks of 16: far less than 64 sequences need

@@ -103,6 +103,11 @@ struct Request {
     // prompt is appended to the session's tokens (LMDeploy's interactive mode).
     std::optional<uint64_t> session_id;
     bool append = false;
+    // With a session: the conversation this request answers (its last
+    // message is this turn). When the request ends without an error, the
+    // session keeps it with the answer appended as an assistant message
+    // (session_conversation), so that a client may send only its next turn.
+    std::vector<ChatMessage> conversation;
 };
 
 struct EngineStats {
@@ -169,6 +174,11 @@ public:
     void end_session(uint64_t session_id);
     // The tokens a session holds (empty if none).
     std::vector<int> session_tokens(uint64_t session_id) const;
+    // The conversation a session keeps (Request::conversation and its
+    // answers; empty if none, and at once after end_session).
+    std::vector<ChatMessage> session_conversation(uint64_t session_id) const;
+    // The session's request submitted last, while it has not finished.
+    std::optional<uint64_t> session_request(uint64_t session_id) const;
 
     EngineStats stats() const;
     // Blocks until nothing is running or waiting.
