@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 
 namespace tmc {
 
@@ -58,6 +59,70 @@ std::string json_number(double v) {
     char buf[64];
     auto r = std::to_chars(buf, buf + sizeof buf, v);
     return std::string(buf, r.ptr);
+}
+
+void JsonWriter::before_value() {
+    if (open_.empty()) {
+        if (!out_.empty()) throw std::logic_error("JsonWriter: a second top-level value");
+        return;
+    }
+    if (open_.back() == '{') {
+        if (!keyed_) throw std::logic_error("JsonWriter: a value without a key");
+        keyed_ = false;
+        return;
+    }
+    if (!first_) out_ += ", ";
+    first_ = false;
+}
+
+JsonWriter& JsonWriter::object() {
+    before_value();
+    out_ += '{';
+    open_.push_back('{');
+    first_ = true;
+    return *this;
+}
+
+JsonWriter& JsonWriter::array() {
+    before_value();
+    out_ += '[';
+    open_.push_back('[');
+    first_ = true;
+    return *this;
+}
+
+JsonWriter& JsonWriter::end() {
+    if (open_.empty() || keyed_) throw std::logic_error("JsonWriter: end() with nothing open or a key without value");
+    out_ += open_.back() == '{' ? '}' : ']';
+    open_.pop_back();
+    first_ = false;
+    return *this;
+}
+
+JsonWriter& JsonWriter::key(std::string_view k) {
+    if (open_.empty() || open_.back() != '{' || keyed_) throw std::logic_error("JsonWriter: a key outside an object");
+    if (!first_) out_ += ", ";
+    first_ = false;
+    json_append_string(out_, k);
+    out_ += ": ";
+    keyed_ = true;
+    return *this;
+}
+
+JsonWriter& JsonWriter::value(std::string_view s) {
+    before_value();
+    json_append_string(out_, s);
+    return *this;
+}
+
+JsonWriter& JsonWriter::value(bool b) { return raw(b ? "true" : "false"); }
+JsonWriter& JsonWriter::value(double d) { return raw(json_number(d)); }
+JsonWriter& JsonWriter::null() { return raw("null"); }
+
+JsonWriter& JsonWriter::raw(std::string_view json) {
+    before_value();
+    out_ += json;
+    return *this;
 }
 
 }  // namespace tmc
