@@ -80,9 +80,11 @@ ifeq ($(SAN),1)
 $(BUILD)/obj/libcore/serve/%.o $(BUILD)/obj/tools/tm-serve.o $(BUILD)/obj/tools/tm-client.o: CXXFLAGS += -fno-sanitize=vptr
 endif
 
-# The CPU kernels are compiled once per instruction set (picked at run time).
+# The CPU kernels and row maths are compiled once per instruction set (picked at run time).
 $(BUILD)/obj/libcore/backend/cpu/kernels_avx512.o: CXXFLAGS += -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -Wno-psabi -Wno-maybe-uninitialized
 $(BUILD)/obj/libcore/backend/cpu/kernels_avx2.o: CXXFLAGS += -O3 -Wno-psabi
+$(BUILD)/obj/libcore/base/row_math_avx512.o: CXXFLAGS += -O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq -Wno-psabi
+$(BUILD)/obj/libcore/base/row_math_avx2.o: CXXFLAGS += -O3 -Wno-psabi
 
 $(LIBCORE): $(CORE_OBJ)
 	@mkdir -p $(@D)

@@ -17,7 +17,7 @@
 
 #include "backend/backend.hpp"
 #include "backend/comm.hpp"
-#include "backend/cpu/kernels.hpp"
+#include "base/row_math.hpp"
 #include "model/tp_split.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
@@ -123,7 +123,7 @@ public:
     void token_logprobs(const int* logit_index, const int* targets, int n, float* out) override {
         const size_t V = size_t(cfg_.vocab_size);
         const float* logits = vocab_split_ ? logits_.data() : last0_;
-        const auto& k = cpu::cpu_kernels();
+        const RowMath& k = row_math();
         for (int i = 0; i < n; ++i) {
             const float* lg = logits + size_t(logit_index[i]) * V;
             out[i] = lg[targets[i]] - k.logsumexp(lg, int(V));

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "backend/cpu/kernels.hpp"
+#include "base/row_math.hpp"
 
 namespace tmc {
 
@@ -69,10 +69,10 @@ int Sampler::sample(float* logits, const SamplingParams& p, std::span<const int>
     apply_penalties(logits, p, prompt, output);
     if (p.temperature <= 0.0f || p.top_k == 1) {
         // Greedy: the first of equal maxima, as torch.argmax.
-        return cpu::cpu_kernels().argmax(logits, vocab_);
+        return row_math().argmax(logits, vocab_);
     }
     const float inv_t = 1.0f / p.temperature;
-    const auto& k = cpu::cpu_kernels();
+    const RowMath& k = row_math();
     const float mx = logits[k.argmax(logits, vocab_)];
     // Unnormalized probabilities exp((l - max) / t) in (0, 1], in place (vectorized).
     const float* pr = logits;

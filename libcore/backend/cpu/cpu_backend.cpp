@@ -12,6 +12,7 @@
 #include "backend/comm.hpp"
 #include "backend/cpu/kernels.hpp"
 #include "backend/model_program.hpp"
+#include "base/row_math.hpp"
 #include "base/thread_pool.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
@@ -492,7 +493,7 @@ void CpuBackend::token_logprobs(const int* logit_index, const int* targets, int 
     const size_t V = size_t(cfg_.vocab_size);
     rows(n, [&](int i) {
         const float* lg = logits_.data() + size_t(logit_index[i]) * V;
-        out[i] = lg[targets[i]] - k_.logsumexp(lg, int(V));
+        out[i] = lg[targets[i]] - row_math().logsumexp(lg, int(V));
     });
 }
 

@@ -77,15 +77,9 @@ struct Kernels {
     // out[i] = silu(g[i]) * u[i].
     void (*silu_mul)(const float* g, const float* u, float* out, int n);
     void (*attention)(const AttnArgs& a);
-    // log(sum(exp(x))).
-    float (*logsumexp)(const float* x, int n);
-    int (*argmax)(const float* x, int n);
     void (*attention_q)(const AttnQArgs& a);
-    // x[i] = exp(x[i] - m) in place; returns the sum.
-    float (*exp_sum)(float* x, int n, float m);
-    // x[i] = exp((x[i] - m) * t) in place; returns the sum.
-    float (*exp_sum_scaled)(float* x, int n, float m, float t);
 };
+// (Row maths for sampling and log-probabilities: base/row_math.hpp.)
 
 // Row-major 16-bit W [N, K] into panels of 16 rows: out[(n / 16) * 16 * K +
 // k * 16 + n % 16] = W[n, k], rows past N zero. out holds packed_size(N, K).

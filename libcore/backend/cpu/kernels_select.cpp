@@ -1,7 +1,7 @@
-#include <cstdlib>
 #include <cstring>
 
 #include "backend/cpu/kernels.hpp"
+#include "base/row_math.hpp"
 
 namespace tmc::cpu {
 
@@ -16,15 +16,10 @@ void pack_weights(const uint16_t* W, int N, int K, uint16_t* out) {
     }
 }
 
-// AVX-512 when the CPU has it, unless TM_CPU_ISA=avx2 asks for the baseline.
+// AVX-512 when the CPU has it, unless TM_CPU_ISA=avx2 asks for the baseline
+// (base/row_math.cpp decides for both).
 const Kernels& cpu_kernels() {
-    static const Kernels& k = [&]() -> const Kernels& {
-        const char* want = std::getenv("TM_CPU_ISA");
-        bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-        if (avx512 && !(want && std::strcmp(want, "avx2") == 0)) return cpu_kernels_avx512();
-        return cpu_kernels_avx2();
-    }();
+    static const Kernels& k = use_avx512() ? cpu_kernels_avx512() : cpu_kernels_avx2();
     return k;
 }
 

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "backend/backend.hpp"
-#include "backend/cpu/kernels.hpp"
+#include "base/row_math.hpp"
 #include "backend/comm.hpp"
 #include "backend/cuda/cublas_dyn.hpp"
 #include "backend/cuda/gemm_tuner.hpp"
@@ -944,7 +944,7 @@ void CudaBackend::logits(WeightId final_norm, WeightId output) {
 
 void CudaBackend::token_logprobs(const int* logit_index, const int* targets, int n, float* out) {
     const size_t V = size_t(cfg_.vocab_size);
-    const auto& k = cpu::cpu_kernels();
+    const RowMath& k = row_math();
     for (int i = 0; i < n; ++i) {
         const float* lg = h_logits_ + size_t(logit_index[i]) * V;
         out[i] = lg[targets[i]] - k.logsumexp(lg, int(V));
