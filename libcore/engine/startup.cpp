@@ -66,6 +66,77 @@ struct TempDir {
 
 }  // namespace
 
+namespace {
+
+// The workspace, its tokenizer and the chat template (--chat-template, or
+// the tokenizer's own).
+void load_model(Engine::Impl& im, const std::string& ws_dir, const EngineOptions& opt) {
+    im.ws = std::make_unique<Workspace>(ws_dir);
+    im.cfg = im.ws->model();
+    im.tok = Tokenizer::load(im.ws->tokenizer_dir());
+    if (!opt.chat_template.empty()) {
+        auto names = ChatTemplate::builtin_names();
+        if (std::find(names.begin(), names.end(), opt.chat_template) != names.end() || opt.chat_template == "qwen" ||
+            opt.chat_template == "smollm")
+            im.tpl = ChatTemplate::builtin(opt.chat_template);
+        else if (path_exists(opt.chat_template))
+            im.tpl = ChatTemplate(read_file(opt.chat_template));
+        else
+            throw Error("--chat-template " + opt.chat_template + ": neither a built-in template nor a file");
+    } else if (!im.tok->chat_template().empty()) {
+        im.tpl = ChatTemplate(im.tok->chat_template());
+    }
+
+}
+
+// The backend: CUDA when a GPU is usable (or asked for), else the CPU.
+// Returns whether it runs on a GPU.
+bool open_backend(Engine::Impl& im, const EngineOptions& opt) {
+    std::string device = opt.device.empty() ? "auto" : opt.device;
+    if (device != "auto" && device != "cpu" && device != "cuda")
+        throw Error("unknown device \"" + device + "\" (cpu, cuda or auto)");
+    const int kv_quant = opt.quant_policy >= 0 ? opt.quant_policy : im.ws->engine().quant_policy;
+    if (kv_quant != 0 && kv_quant != 4 && kv_quant != 8) throw Error("quant_policy must be 0, 4 or 8");
+    const int tp = im.ws->tp();
+    if (opt.tp != 0 && opt.tp != tp)
+        throw Error(im.ws->dir() + ": converted for --tp " + std::to_string(tp) + ", asked to run with --tp " +
+                    std::to_string(opt.tp) + " (run with --tp " + std::to_string(tp) + ", or convert again with --tp " +
+                    std::to_string(opt.tp) + ")");
+    std::string why;
+    if (device != "cpu") cuda_prepare_for_ranks(tp);
+    const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
+    if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
+    std::vector<float> kv_params;
+    if (kv_quant != 0 && im.ws->engine().kv_static) kv_params = static_kv_params(*im.ws, kv_quant);
+    bool on_gpu = false;
+    if (gpu) {
+        try {
+            CudaBackendOptions cbo;
+            cbo.program = model_program(*im.ws);
+            cbo.kv_quant = kv_quant;
+            cbo.kv_params = kv_params;
+            im.backend = make_cuda_tp_backend(*im.ws, cbo);
+            on_gpu = true;
+        } catch (const Error& e) {
+            if (device == "cuda") throw;
+            if (opt.log) opt.log(std::string("CUDA backend unavailable (") + e.what() + "); using the CPU");
+        }
+    }
+    if (!im.backend) {
+        CpuBackendOptions co;
+        co.program = model_program(*im.ws);
+        co.threads = opt.threads;
+        co.kv_quant = kv_quant;
+        co.kv_params = std::move(kv_params);
+        if (const char* g = std::getenv("TM_CPU_ASYNC")) co.async = std::string(g) == "1";
+        im.backend = make_cpu_tp_backend(*im.ws, co);
+    }
+
+    return on_gpu;
+}
+
+}  // namespace
+
 std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOptions& opt) {
     auto im = std::make_unique<Impl>();
     std::optional<TempDir> tmp;
@@ -80,62 +151,8 @@ std::unique_ptr<Engine> Engine::open(const std::string& path, const EngineOption
         ConvertOptions co;
         convert_hf_model(path, ws_dir, co);
     }
-    im->ws = std::make_unique<Workspace>(ws_dir);
-    im->cfg = im->ws->model();
-    im->tok = Tokenizer::load(im->ws->tokenizer_dir());
-    if (!opt.chat_template.empty()) {
-        auto names = ChatTemplate::builtin_names();
-        if (std::find(names.begin(), names.end(), opt.chat_template) != names.end() || opt.chat_template == "qwen" ||
-            opt.chat_template == "smollm")
-            im->tpl = ChatTemplate::builtin(opt.chat_template);
-        else if (path_exists(opt.chat_template))
-            im->tpl = ChatTemplate(read_file(opt.chat_template));
-        else
-            throw Error("--chat-template " + opt.chat_template + ": neither a built-in template nor a file");
-    } else if (!im->tok->chat_template().empty()) {
-        im->tpl = ChatTemplate(im->tok->chat_template());
-    }
-
-    std::string device = opt.device.empty() ? "auto" : opt.device;
-    if (device != "auto" && device != "cpu" && device != "cuda")
-        throw Error("unknown device \"" + device + "\" (cpu, cuda or auto)");
-    const int kv_quant = opt.quant_policy >= 0 ? opt.quant_policy : im->ws->engine().quant_policy;
-    if (kv_quant != 0 && kv_quant != 4 && kv_quant != 8) throw Error("quant_policy must be 0, 4 or 8");
-    const int tp = im->ws->tp();
-    if (opt.tp != 0 && opt.tp != tp)
-        throw Error(im->ws->dir() + ": converted for --tp " + std::to_string(tp) + ", asked to run with --tp " +
-                    std::to_string(opt.tp) + " (run with --tp " + std::to_string(tp) + ", or convert again with --tp " +
-                    std::to_string(opt.tp) + ")");
-    std::string why;
-    if (device != "cpu") cuda_prepare_for_ranks(tp);
-    const bool gpu = device != "cpu" && cuda_device_count(&why) > 0;
-    if (device == "cuda" && !gpu) throw Error("--device cuda: no usable GPU (" + why + ")");
-    std::vector<float> kv_params;
-    if (kv_quant != 0 && im->ws->engine().kv_static) kv_params = static_kv_params(*im->ws, kv_quant);
-    bool on_gpu = false;
-    if (gpu) {
-        try {
-            CudaBackendOptions cbo;
-            cbo.program = model_program(*im->ws);
-            cbo.kv_quant = kv_quant;
-            cbo.kv_params = kv_params;
-            im->backend = make_cuda_tp_backend(*im->ws, cbo);
-            on_gpu = true;
-        } catch (const Error& e) {
-            if (device == "cuda") throw;
-            if (opt.log) opt.log(std::string("CUDA backend unavailable (") + e.what() + "); using the CPU");
-        }
-    }
-    if (!im->backend) {
-        CpuBackendOptions co;
-        co.program = model_program(*im->ws);
-        co.threads = opt.threads;
-        co.kv_quant = kv_quant;
-        co.kv_params = std::move(kv_params);
-        if (const char* g = std::getenv("TM_CPU_ASYNC")) co.async = std::string(g) == "1";
-        im->backend = make_cpu_tp_backend(*im->ws, co);
-    }
-
+    load_model(*im, ws_dir, opt);
+    const bool on_gpu = open_backend(*im, opt);
     const EngineConfig& ec = im->ws->engine();
     int session_len = opt.session_len > 0 ? opt.session_len : ec.session_len > 0 ? ec.session_len
                                                                                  : im->cfg.max_position_embeddings;

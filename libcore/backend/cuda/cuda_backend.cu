@@ -65,6 +65,13 @@ struct DevBuf {
     }
 };
 
+// Step metadata, one upload per step. Fixed-size sections first and the
+// block tables last, so that in a decode step every section's offset depends
+// on the number of rows only (what a captured graph needs).
+struct MetaLayout {
+    size_t tokens, positions, row_seq, lrows, boff, items, row_items, tiles, blocks, total;
+};
+
 class CudaBackend final : public Backend, private ForwardOps {
 public:
     CudaBackend(const Workspace& ws, const CudaBackendOptions& opt);
@@ -168,6 +175,14 @@ private:
     std::thread::id owner_ = std::this_thread::get_id();  // the rank's thread (it built the backend)
     void wait(const char* what);
     void enqueue(const BatchPlan& plan);  // forward() up to the wait
+    struct StepShape {
+        int T = 0, L = 0, S = 0, Tp = 0;
+        size_t n_tiles = 0, n_single = 0, n_blocks = 0;
+        bool decode = false, use_graph = false;
+    };
+    StepShape shape_step(const BatchPlan& plan) const;
+    MetaLayout write_meta(const BatchPlan& plan, const StepShape& sh);
+    void queue_outputs(const BatchPlan& plan, bool decode, int T);
     struct Pending {  // what collect() returns and profiles
         float* out = nullptr;
         bool decode = false;
@@ -503,12 +518,6 @@ void CudaBackend::gemm(const DevWeight& w, const void* x, int T, void* y, cudaDa
           "gemm");
 }
 
-// Step metadata, one upload per step. Fixed-size sections first and the
-// block tables last, so that in a decode step every section's offset depends
-// on the number of rows only (what a captured graph needs).
-struct MetaLayout {
-    size_t tokens, positions, row_seq, lrows, boff, items, row_items, tiles, blocks, total;
-};
 
 // Decode batches padded up to these sizes share one captured graph.
 int graph_bucket(int T) {
@@ -630,34 +639,44 @@ float* CudaBackend::collect() {
     return pending_.out;
 }
 
-void CudaBackend::enqueue(const BatchPlan& plan) {
+// What a step is: its rows, how its attention work divides (tiles of prompt
+// chunks, single rows), and whether it replays a decode graph (padded to Tp rows).
+CudaBackend::StepShape CudaBackend::shape_step(const BatchPlan& plan) const {
+    StepShape sh;
     const int T = int(plan.tokens.size()), L = int(plan.logit_rows.size()), S = int(plan.seqs.size());
-    trace("forward rows", T);
-    if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
-        throw Error("cuda backend: batch plan outside the limits it was initialized with");
+    sh.T = T, sh.L = L, sh.S = S;
     // Attention work: sequences with several rows this step go in tiles of
     // consecutive rows (prefill chunks), the others row by row (decode).
     const int group = cfg_.num_heads / cfg_.num_kv_heads;
     const int tile_rows = cuda::attention_tile_rows(group);
     const bool tiles_ok = cuda::attention_tiles_supported(cfg_.head_dim);
-    size_t n_tiles = 0, n_single = 0, n_blocks = 0;
     for (auto& q : plan.seqs) {
-        if (q.n_rows >= 4 && tiles_ok) n_tiles += size_t((q.n_rows + tile_rows - 1) / tile_rows);
-        else n_single += size_t(q.n_rows);
-        n_blocks += size_t(q.n_blocks);
+        if (q.n_rows >= 4 && tiles_ok) sh.n_tiles += size_t((q.n_rows + tile_rows - 1) / tile_rows);
+        else sh.n_single += size_t(q.n_rows);
+        sh.n_blocks += size_t(q.n_blocks);
     }
     // Decode steps (one row per sequence) replay a CUDA graph per batch size;
     // with buckets, the batch is padded to the bucket's size by rows of
     // token 0 at position 0, each its own sequence over the scratch block
     // (their K/V land there, their outputs are ignored).
-    const bool decode = n_tiles == 0 && size_t(T) == n_single && L == T && S == T;
-    const bool use_graph = decode && sw_.graphs && T <= kMaxGraphBatch;
-    int Tp = T;
-    if (use_graph && sw_.graph_buckets) {
+    sh.decode = sh.n_tiles == 0 && size_t(T) == sh.n_single && L == T && S == T;
+    sh.use_graph = sh.decode && sw_.graphs && T <= kMaxGraphBatch;
+    sh.Tp = T;
+    if (sh.use_graph && sw_.graph_buckets) {
         const int b = graph_bucket(T);
-        if (b <= lim_.max_batch_tokens && b <= lim_.max_logit_rows) Tp = b;
+        if (b <= lim_.max_batch_tokens && b <= lim_.max_logit_rows) sh.Tp = b;
     }
-    const int pad = Tp - T;
+    return sh;
+}
+
+// The step's metadata in h_meta_ (MetaLayout): tokens, positions, rows'
+// sequences, logit rows, block offsets and tables, prefill tiles, and the
+// decode work items, longest first; padding rows for a graph bucket.
+MetaLayout CudaBackend::write_meta(const BatchPlan& plan, const StepShape& sh) {
+    const int T = sh.T, L = sh.L, S = sh.S, Tp = sh.Tp, pad = Tp - T;
+    const size_t n_tiles = sh.n_tiles, n_single = sh.n_single, n_blocks = sh.n_blocks;
+    const int tile_rows = cuda::attention_tile_rows(cfg_.num_heads / cfg_.num_kv_heads);
+    const bool tiles_ok = cuda::attention_tiles_supported(cfg_.head_dim);
     MetaLayout ml;
     ml.tokens = 0;
     ml.positions = size_t(Tp);
@@ -728,6 +747,18 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
         cuda::plan_decode_items(single_.data(), lens_.data(), n_rows, cfg_.num_kv_heads, sw_.split_attention,
                                 reinterpret_cast<int4*>(m + ml.items), reinterpret_cast<int2*>(m + ml.row_items));
     }
+    return ml;
+}
+
+void CudaBackend::enqueue(const BatchPlan& plan) {
+    const StepShape sh = shape_step(plan);
+    const int T = sh.T, L = sh.L, Tp = sh.Tp;
+    const bool decode = sh.decode, use_graph = sh.use_graph;
+    const size_t n_single = sh.n_single, n_tiles = sh.n_tiles;
+    trace("forward rows", T);
+    if (T == 0 || T > lim_.max_batch_tokens || L > lim_.max_logit_rows)
+        throw Error("cuda backend: batch plan outside the limits it was initialized with");
+    const MetaLayout ml = write_meta(plan, sh);
     if (sg_.on) {
         sg_.enq = std::chrono::steady_clock::now();
         cudaEventRecord(sg_.a, stream_);
@@ -766,6 +797,13 @@ void CudaBackend::enqueue(const BatchPlan& plan) {
                      ml.tiles, ml.blocks});
     }
     if (ncu) cudaProfilerStop();
+    queue_outputs(plan, decode, T);
+}
+
+// After the forward pass: the step's results on their way to the host (the
+// sampled or greedy ids, or the logits), for collect().
+void CudaBackend::queue_outputs(const BatchPlan& plan, bool decode, int T) {
+    const int L = int(plan.logit_rows.size());
     if (L > 0 && plan.sample.size() == size_t(L) && !plan.greedy_only && samples_on_device()) {
         // Sampled rows: drawn here, only the token ids come back.
         for (int i = 0; i < L; ++i) {
