@@ -155,9 +155,14 @@ std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBacke
 // tp ranks built by `make(rank)` on their own threads, run together each step;
 // `keep` holds what they share until they are gone (tp_backend.cpp).
 using RankFactory = std::function<std::unique_ptr<Backend>(int rank)>;
-std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep);
+// vocab_split: each rank's logits are a slice of the vocabulary (an untied
+// output layer split by rows), gathered whole.
+std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, bool vocab_split, RankFactory make,
+                                         std::shared_ptr<void> keep);
 // Static KV scales of the whole model ([layers][4][kv_heads]) -> rank's heads.
-std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelConfig& m, int tp, int rank);
+// (program: the ranks' model program, which says where a rank's KV heads begin.)
+std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelProgram& program, int model_kv_heads,
+                                  int rank);
 
 struct CudaBackendOptions {
     std::shared_ptr<const ModelProgram> program;  // as CpuBackendOptions::program; required

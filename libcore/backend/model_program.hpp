@@ -105,6 +105,9 @@ public:
     // part when an untied output layer is split).
     virtual int output_rows() const = 0;
     virtual int tp() const = 0;
+    // The model's KV head where `rank`'s heads begin (heads split over the
+    // ranks, or replicated when there are fewer KV heads than ranks).
+    virtual int kv_head_begin(int rank) const = 0;
     virtual const std::vector<WeightSpec>& weights() const = 0;
     // RoPE's inverse frequencies, head_dim / 2 of them.
     virtual const std::vector<float>& rope_inv_freq() const = 0;

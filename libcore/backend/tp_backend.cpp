@@ -18,20 +18,20 @@
 #include "backend/backend.hpp"
 #include "backend/comm.hpp"
 #include "base/row_math.hpp"
-#include "model/tp_split.hpp"
+#include "backend/model_program.hpp"
 #include "tm/error.hpp"
 #include "tm/workspace.hpp"
 
 namespace tmc {
 
-std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelConfig& m, int tp, int rank) {
-    const TpSplit sp = TpSplit::make(m, tp);
-    const int nkv = m.num_kv_heads, h0 = sp.kv_head_begin(rank);
-    std::vector<float> v(size_t(m.num_layers) * 4 * sp.kv_heads);
+std::vector<float> rank_kv_params(const std::vector<float>& all, const ModelProgram& program, int model_kv_heads,
+                                  int rank) {
+    const ModelConfig& m = program.config();
+    const int nkv = model_kv_heads, hk = m.num_kv_heads, h0 = program.kv_head_begin(rank);
+    std::vector<float> v(size_t(m.num_layers) * 4 * hk);
     for (int l = 0; l < m.num_layers; ++l)
         for (int row = 0; row < 4; ++row)
-            for (int h = 0; h < sp.kv_heads; ++h)
-                v[(size_t(l) * 4 + row) * sp.kv_heads + h] = all[(size_t(l) * 4 + row) * nkv + h0 + h];
+            for (int h = 0; h < hk; ++h) v[(size_t(l) * 4 + row) * hk + h] = all[(size_t(l) * 4 + row) * nkv + h0 + h];
     return v;
 }
 
@@ -39,9 +39,9 @@ namespace {
 
 class TpBackend final : public Backend {
 public:
-    TpBackend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep)
+    TpBackend(const ModelConfig& full, int tp, bool vocab_split, RankFactory make, std::shared_ptr<void> keep)
         : cfg_(full), keep_(std::move(keep)), ranks_(size_t(tp)), outs_(size_t(tp), nullptr) {
-        vocab_split_ = rank_shape(cfg_, tp).out_rows != cfg_.vocab_size;  // each rank a slice of the logits
+        vocab_split_ = vocab_split;  // each rank a slice of the logits
         for (int r = 0; r < tp; ++r) workers_.emplace_back([this, r] { worker(r); });
         // Built on the ranks' threads, together (NCCL ranks wait for each other).
         try {
@@ -217,9 +217,10 @@ private:
 
 }  // namespace
 
-std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, RankFactory make, std::shared_ptr<void> keep) {
+std::unique_ptr<Backend> make_tp_backend(const ModelConfig& full, int tp, bool vocab_split, RankFactory make,
+                                         std::shared_ptr<void> keep) {
     if (tp > 64) throw Error("more than 64 tensor-parallel ranks");
-    return std::make_unique<TpBackend>(full, tp, std::move(make), std::move(keep));
+    return std::make_unique<TpBackend>(full, tp, vocab_split, std::move(make), std::move(keep));
 }
 
 std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBackendOptions& opt) {
@@ -228,12 +229,15 @@ std::unique_ptr<Backend> make_cpu_tp_backend(const Workspace& ws, const CpuBacke
     auto group = std::make_shared<LocalGroup>(tp);
     const int cores = opt.threads > 0 ? opt.threads : std::max(1, int(std::thread::hardware_concurrency()));
     const Workspace* w = &ws;
-    return make_tp_backend(ws.model(), tp, [=](int r) {
+    if (!opt.program) throw Error("cpu backend: no model program");
+    const bool vocab_split = opt.program->output_rows() != ws.model().vocab_size;
+    return make_tp_backend(ws.model(), tp, vocab_split, [=](int r) {
         CpuBackendOptions o = opt;
         o.threads = std::max(1, cores / tp);
         o.comm = &group->comm(r);
         o.observer = opt.observer ? opt.observer->for_rank(r, tp) : nullptr;
-        if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
+        if (!opt.kv_params.empty())
+            o.kv_params = rank_kv_params(opt.kv_params, *opt.program, w->model().num_kv_heads, r);
         return make_cpu_backend(*w, o);
     }, group);
 }

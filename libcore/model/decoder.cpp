@@ -17,6 +17,7 @@ class Decoder final : public ModelProgram {
 public:
     Decoder(const ModelConfig& full, int tp) : tp_(tp) {
         const RankShape shape = rank_shape(full, tp);  // this rank's heads, KV heads, MLP columns, vocab rows
+        split_ = TpSplit::make(full, tp);
         cfg_ = shape.cfg;
         out_rows_ = shape.out_rows;
         const int H = cfg_.hidden_size, I = cfg_.intermediate_size, V = cfg_.vocab_size, hd = cfg_.head_dim;
@@ -47,6 +48,7 @@ public:
     const ModelConfig& config() const override { return cfg_; }
     int output_rows() const override { return out_rows_; }
     int tp() const override { return tp_; }
+    int kv_head_begin(int rank) const override { return split_.kv_head_begin(rank); }
     const std::vector<WeightSpec>& weights() const override { return specs_; }
     const std::vector<float>& rope_inv_freq() const override { return inv_freq_; }
 
@@ -86,6 +88,7 @@ private:
     }
 
     ModelConfig cfg_;
+    TpSplit split_;
     int tp_ = 1, out_rows_ = 0;
     std::vector<WeightSpec> specs_;
     WeightId emb_ = kNoWeight, final_norm_ = kNoWeight, output_ = kNoWeight;

@@ -250,7 +250,7 @@ TEST(TensorParallel, GreedyIdsGatheredFromVocabularySlices) {
     tmc::ModelConfig c;
     c.hidden_size = 8, c.num_layers = 1, c.num_heads = 2, c.num_kv_heads = 2, c.head_dim = 4;
     c.intermediate_size = 4, c.vocab_size = 10, c.tie_word_embeddings = false;
-    auto be = tmc::make_tp_backend(c, 2, [&](int r) {
+    auto be = tmc::make_tp_backend(c, 2, /*vocab_split=*/true, [&](int r) {
         auto s = std::make_unique<SliceRank>();
         s->cfg = c;
         s->ids = r == 0 ? std::vector<int>{3, 0, 4} : std::vector<int>{1, 2, 0};
@@ -284,7 +284,7 @@ TEST(TensorParallel, ARankThatFailsToBuildIsAnError) {
         s->cfg = c;
         return s;
     };
-    EXPECT_THROW(tmc::make_tp_backend(c, 2, make, nullptr), tmc::Error);
+    EXPECT_THROW(tmc::make_tp_backend(c, 2, false, make, nullptr), tmc::Error);
 }
 
 }  // namespace

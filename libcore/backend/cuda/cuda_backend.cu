@@ -361,14 +361,17 @@ std::unique_ptr<Backend> make_cuda_tp_backend(const Workspace& ws, const CudaBac
     const cuda::CudaSwitches sw = opt.switches ? *opt.switches : cuda::CudaSwitches::from_env();
     auto barrier = std::make_shared<HostBarrier>(tp, sw.tp_timeout_s);
     auto peers = sw.p2p_allreduce ? cuda::make_peer_group(tp) : nullptr;
-    return make_tp_backend(ws.model(), tp, [=](int r) {
+    if (!opt.program) throw Error("cuda backend: no model program");
+    const bool vocab_split = opt.program->output_rows() != ws.model().vocab_size;
+    return make_tp_backend(ws.model(), tp, vocab_split, [=](int r) {
         CudaBackendOptions o = opt;
         o.switches = sw;
         o.device = r;
         o.tp = tp;
         o.rank = r;
         o.barrier = barrier;
-        if (!opt.kv_params.empty()) o.kv_params = rank_kv_params(opt.kv_params, w->model(), tp, r);
+        if (!opt.kv_params.empty())
+            o.kv_params = rank_kv_params(opt.kv_params, *opt.program, w->model().num_kv_heads, r);
         bool passed = false;
         o.make_comm = [id, r, tp, gate, peers, &passed](void* stream) {
             {
