@@ -121,7 +121,10 @@ void Conn::start_generation(Kind kind, const std::string& body) {
     else chat_or_completion(kind, obj);
 }
 
-void Conn::chat_or_completion(Kind kind, object obj) {
+// The fields OpenAI defines that this server refuses or limits: unknown
+// ones, another model, n or best_of other than 1, tools, logit_bias, JSON
+// response formats, echo, suffix.
+void Conn::check_openai_fields(Kind kind, object obj) const {
     const bool chat = kind == Kind::Chat;
     static const std::set<std::string_view> common = {
         "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
@@ -169,7 +172,12 @@ void Conn::chat_or_completion(Kind kind, object obj) {
     if (!obj["echo"].get(e) && !e.is_null() && api::boolean(e, "echo"))
         throw bad_request("\"echo\" is not supported", "echo");
     if (!obj["suffix"].get(e) && !e.is_null()) throw bad_request("\"suffix\" is not supported", "suffix");
+}
 
+void Conn::chat_or_completion(Kind kind, object obj) {
+    const bool chat = kind == Kind::Chat;
+    check_openai_fields(kind, obj);
+    element e;
     Request req;
     req.sampling = srv_.opt.defaults;
     if (chat) {

@@ -102,6 +102,7 @@ private:
     void models();
     void encode(const std::string& body);
     void start_generation(Kind kind, const std::string& body);
+    void check_openai_fields(Kind kind, object obj) const;
     void chat_or_completion(Kind kind, object obj);
     void interactive(object obj);
     void submit(Request req);
