@@ -6,7 +6,8 @@
 # run: the naive reference forward pass (one thread, fp32) and the memory
 # bandwidth bound of batch-1 decode (weight bytes / measured read bandwidth;
 # it can be beaten when part of the weights stays in the L3 cache).
-# One JSON line per figure, then a table.
+# Each figure on every instruction-set path the CPU has (AVX-512 where
+# present, and AVX2). One JSON line per figure (with its "isa"), then a table.
 # Usage: scripts/bench-cpu.sh [MODEL_DIR] [BUILD_DIR] [THREADS]
 set -eu
 MODEL=${1:-${TM_SHARED:-../shared}/models/tinytech-25m}
@@ -16,12 +17,19 @@ make -s "$BUILD/bench/engine_bench" "$BUILD/bin/tm-convert" >/dev/null 2>&1 || m
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 "$BUILD/bin/tm-convert" "$MODEL" -o "$TMP/ws" >/dev/null
-"$BUILD/bench/engine_bench" "$TMP/ws" "$THREADS" | tee "$TMP/out.jsonl"
+# Every instruction-set path the CPU has: AVX2 always (most users' machines),
+# AVX-512 where present (the default there); TM_CPU_ISA picks the path.
+ISAS=avx2
+grep -q avx512f /proc/cpuinfo 2>/dev/null && grep -q avx512bw /proc/cpuinfo && grep -q avx512vl /proc/cpuinfo && ISAS="avx512 avx2"
+: > "$TMP/out.jsonl"
+for isa in $ISAS; do
+    TM_CPU_ISA=$isa "$BUILD/bench/engine_bench" "$TMP/ws" "$THREADS" | sed "s/^{/{\"isa\": \"$isa\", /" | tee -a "$TMP/out.jsonl"
+done
 python3 - "$TMP/out.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print()
-print(f"{'figure':<12} {'tok/s':>9}  baseline")
+print(f"{'isa':<7} {'figure':<12} {'tok/s':>9}  baseline")
 for r in rows:
     extra = ""
     if r["bench"] == "decode_b1":
@@ -30,5 +38,5 @@ for r in rows:
         extra = f"{r['x_b1']:.2f}x batch 1"
     else:
         extra = f"{r['x_reference']:.0f}x the reference"
-    print(f"{r['bench']:<12} {r['value']:>9.1f}  {extra}")
+    print(f"{r['isa']:<7} {r['bench']:<12} {r['value']:>9.1f}  {extra}")
 EOF
