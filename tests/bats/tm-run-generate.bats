@@ -22,6 +22,18 @@ setup() {
     assert_success
 }
 
+@test "the AVX2 and AVX-512 paths give the same tokens and perplexity" {
+    python3 "$PY" golden-input "$G" > "$T/in.jsonl"
+    TM_CPU_ISA=avx2 tm-run "$WS" --jsonl < "$T/in.jsonl" > "$T/avx2.jsonl"
+    tm-run "$WS" --jsonl < "$T/in.jsonl" > "$T/default.jsonl"
+    run python3 "$PY" same "$T/avx2.jsonl" "$T/default.jsonl"
+    assert_success
+    head -c 8000 "$SHARED/text/eval.txt" > "$T/text.txt"
+    a=$(TM_CPU_ISA=avx2 tm-run "$WS" --ppl "$T/text.txt")
+    b=$(tm-run "$WS" --ppl "$T/text.txt")
+    [ "$a" = "$b" ]
+}
+
 @test "a Hugging Face directory runs directly" {
     python3 "$PY" golden-input "$G" | head -3 > "$T/in.jsonl"
     tm-run "$SHARED/models/tinytech-25m" < "$T/in.jsonl" > "$T/out.jsonl"
