@@ -75,21 +75,16 @@ void JsonWriter::before_value() {
     first_ = false;
 }
 
-JsonWriter& JsonWriter::object() {
+JsonWriter& JsonWriter::open(char bracket) {
     before_value();
-    out_ += '{';
-    open_.push_back('{');
+    out_ += bracket;
+    open_.push_back(bracket);
     first_ = true;
     return *this;
 }
 
-JsonWriter& JsonWriter::array() {
-    before_value();
-    out_ += '[';
-    open_.push_back('[');
-    first_ = true;
-    return *this;
-}
+JsonWriter& JsonWriter::object() { return open('{'); }
+JsonWriter& JsonWriter::array() { return open('['); }
 
 JsonWriter& JsonWriter::end() {
     if (open_.empty() || keyed_) throw std::logic_error("JsonWriter: end() with nothing open or a key without value");

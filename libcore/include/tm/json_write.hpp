@@ -52,6 +52,7 @@ public:
 
 private:
     void before_value();
+    JsonWriter& open(char bracket);  // '{' or '['
     std::string out_;
     std::vector<char> open_;  // '{' or '[' per level
     bool first_ = true;       // no member yet at this level
